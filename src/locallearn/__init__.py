@@ -1,0 +1,1 @@
+"""locallearn: local learning of deep networks as chains of gradient-isolated stages."""
