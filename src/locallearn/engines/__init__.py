@@ -1,0 +1,39 @@
+"""Engines decide how the stages of a LocalNet are run; the stage and objective code is shared.
+
+=============  ==========================================================
+``backprop``    end-to-end BP of the whole model (the reference)
+``local``       sequential local training, one stage after another
+``pipeline``    stages in separate processes (torch.distributed)
+=============  ==========================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from locallearn.engines.backprop import BackpropEngine
+from locallearn.engines.base import Engine, detach, stage_loss
+from locallearn.engines.sequential import LocalEngine
+
+ENGINES = {
+    "backprop": "end-to-end backpropagation with only the task loss (aux heads on detached features)",
+    "local": "sequential local training: each stage updates from its own loss on a detached input",
+    "pipeline": "stages in separate processes, activations sent forward with torch.distributed",
+}
+
+
+def build_engine(name: str, **options: Any) -> Engine:
+    """Build an in-process engine by name.
+
+    Raises:
+        ValueError: for an unknown name (the message lists the choices).
+    """
+    if name == "backprop":
+        return BackpropEngine(aux_heads=options.get("aux_heads", True))
+    if name == "local":
+        return LocalEngine()
+    raise ValueError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINES)}")
+
+
+__all__ = ["ENGINES", "BackpropEngine", "Engine", "LocalEngine", "build_engine", "detach",
+           "stage_loss"]

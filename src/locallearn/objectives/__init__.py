@@ -1,0 +1,11 @@
+"""Local objectives: heads and losses that train one stage each.
+
+Importing this package registers every objective in :data:`OBJECTIVES`.
+"""
+
+from locallearn.objectives import ce  # noqa: F401
+from locallearn.objectives.base import OBJECTIVES, Objective, build_objective, register_objective
+from locallearn.objectives.heads import HEAD_KINDS, build_head
+
+__all__ = ["OBJECTIVES", "Objective", "build_objective", "register_objective", "HEAD_KINDS",
+           "build_head"]

@@ -1,0 +1,7 @@
+"""``python -m locallearn`` (also what ``torchrun -m locallearn`` runs)."""
+
+import sys
+
+from locallearn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,174 @@
+"""The command line: a thin layer over the Python API.
+
+Subcommands: ``train``, ``eval``, ``split``, ``list``, ``compare`` and ``demo`` (the
+main job: BP beside local K=4 on the embedded data set). User errors print one line
+naming the problem and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from locallearn import runs
+from locallearn.config import ConfigError, apply_overrides, load_config
+from locallearn.report import compare_table, fmt, mib, table
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from locallearn.train import run
+
+    overrides = list(args.overrides)
+    if args.data_dir:
+        overrides.append(f"data.data_dir={args.data_dir}")
+    config = args.config
+    if config and "=" in config:  # no file given: the first word is an override
+        overrides.insert(0, config)
+        config = None
+    cfg = load_config(config, overrides)
+    summary, run_dir = run(cfg, resume=args.resume)
+    print(compare_table([summary]))
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from locallearn.config import from_dict
+    from locallearn.evaluate import evaluate
+    from locallearn.train import Trainer, build_data, build_net
+
+    state = runs.load_checkpoint(args.run)
+    overrides = [f"data.data_dir={args.data_dir}"] if args.data_dir else []
+    cfg = from_dict(apply_overrides(state["config"], overrides))
+    data = build_data(cfg)
+    net = build_net(cfg, data)
+    net.load_state_dict(state["net"])
+    result = evaluate(net, Trainer(net, data, cfg).test_batches())
+    print(table(["stage", "test acc %"], [[k + 1, a] for k, a in enumerate(result["stage_acc"])]))
+    print(f"final {fmt(result['final_acc'])} %  ensemble uniform {fmt(result['ens_uniform'])} %"
+          f"  ensemble 2^k {fmt(result['ens_weighted'])} %  ({result['n']} test samples)")
+    return 0
+
+
+def _cmd_split(args: argparse.Namespace) -> int:
+    from locallearn.measure import SavedTensorsMeter, macs, param_count
+    from locallearn.models import build_model
+    from locallearn.split import find_cuts, stage_ranges
+
+    shape = tuple(int(s) for s in args.input_shape.split(","))
+    backbone = build_model(args.model, shape, args.classes)
+    cuts = find_cuts(backbone, args.k, args.by, [int(c) for c in args.cuts.split(",")] if args.cuts else None,
+                     batch=args.batch)
+    rows = []
+    for i, r in enumerate(stage_ranges(cuts, len(backbone))):
+        body = torch.nn.Sequential(*backbone.blocks[r.start:r.stop])
+        x = torch.randn(args.batch, *backbone.shapes[r.start])
+        with SavedTensorsMeter(body) as meter:
+            body(x.requires_grad_()).sum().backward()
+        rows.append([i + 1, f"{r.start}-{r.stop - 1}", param_count(body), mib(meter.peak_bytes),
+                     macs(lambda: body(x)) / args.batch / 1e6, "x".join(map(str, backbone.shapes[r.stop]))])
+    print(f"{args.model}, K={args.k}, split by {args.by}, cuts {cuts}, batch {args.batch}")
+    print(table(["stage", "blocks", "params", "saved act MiB", "MMACs/sample", "output"], rows))
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from locallearn.data import DATASETS
+    from locallearn.engines import ENGINES
+    from locallearn.models import MODELS
+    from locallearn.objectives import HEAD_KINDS, OBJECTIVES
+
+    sections = [("models", {k: v[1] for k, v in MODELS.items()}),
+                ("objectives", {k: v[1] for k, v in OBJECTIVES.items()}),
+                ("engines", ENGINES),
+                ("data sets", {k: _help(v) for k, v in DATASETS.items()}),
+                ("heads", {k: "" for k in HEAD_KINDS})]
+    for title, items in sections:
+        print(f"{title}:")
+        for name, help_ in sorted(items.items()):
+            print(f"  {name:<16} {help_}")
+    return 0
+
+
+def _help(entry: Any) -> str:
+    return entry[1] if isinstance(entry, tuple) else (getattr(entry, "__doc__", "") or "").strip().split("\n")[0]
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    summaries = []
+    for path in args.runs:
+        f = Path(path) / "summary.json"
+        if not f.is_file():
+            raise runs.RunError(f"{path} has no summary.json (is it a finished run folder?)")
+        summaries.append(json.loads(f.read_text()))
+    print(compare_table(summaries))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from locallearn.train import run
+
+    summaries = []
+    for engine, k in (("backprop", 4), ("local", 4)):
+        print(f"== {engine}, K={k} ==", flush=True)
+        cfg = load_config(args.config, [f"engine={engine}", f"split.k={k}",
+                                        f"train.out_dir={args.out}", *args.overrides])
+        summaries.append(run(cfg)[0])
+    print(compare_table(summaries))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="locallearn", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a run from a YAML config and dotted overrides")
+    t.add_argument("config", nargs="?", help="YAML run file (optional)")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 split.k=4")
+    t.add_argument("--data-dir", help="data root (default $LOCALLEARN_DATA_DIR or ./data)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    t.set_defaults(fn=_cmd_train)
+    e = sub.add_parser("eval", help="evaluate a run folder or checkpoint on its test split")
+    e.add_argument("run", metavar="RUN_OR_CHECKPOINT")
+    e.add_argument("--data-dir")
+    e.set_defaults(fn=_cmd_eval)
+    s = sub.add_parser("split", help="print the stages of a model split into K")
+    s.add_argument("--model", required=True)
+    s.add_argument("--k", type=int, default=4)
+    s.add_argument("--by", default="count")
+    s.add_argument("--cuts", default="", help="explicit cut indices, e.g. 4,8,12")
+    s.add_argument("--input-shape", default="3,32,32")
+    s.add_argument("--classes", type=int, default=10)
+    s.add_argument("--batch", type=int, default=32)
+    s.set_defaults(fn=_cmd_split)
+    sub.add_parser("list", help="list models, objectives, engines, data sets").set_defaults(fn=_cmd_list)
+    c = sub.add_parser("compare", help="table of finished runs side by side")
+    c.add_argument("runs", nargs="+", metavar="RUN")
+    c.set_defaults(fn=_cmd_compare)
+    d = sub.add_parser("demo", help="the main job: BP and local K=4 on the embedded digits data")
+    d.add_argument("overrides", nargs="*")
+    d.add_argument("--config", default=None)
+    d.add_argument("--out", default="runs/demo")
+    d.set_defaults(fn=_cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``locallearn`` command."""
+    from locallearn.data import DataError
+    from locallearn.train import TrainingError
+
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, DataError, runs.RunError, TrainingError, ValueError) as e:
+        print(f"locallearn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

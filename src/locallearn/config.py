@@ -1,0 +1,222 @@
+"""Run configuration: frozen dataclasses with defaults, validation, YAML and dotted overrides.
+
+A run is a :class:`RunConfig` made of sections (``model``, ``data``, ``split``,
+``objective``, ``optim``, ``engine``, ``train``). YAML files hold runs; the CLI adds
+overrides such as ``train.epochs=5 split.k=4``; a bare section name sets its
+``name`` (``engine=pipeline`` is ``engine.name=pipeline``). An unknown key or a bad
+value raises :class:`ConfigError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is not allowed; the message names it and the choices."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "mlp"                     # a registered model (`locallearn list`)
+    options: dict = field(default_factory=dict)  # builder options, e.g. {width: 0.5}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "digits"                  # a registered data set (`locallearn list`)
+    data_dir: Union[str, None] = None     # root folder; default $LOCALLEARN_DATA_DIR or ./data
+    batch_size: int = 64
+    augment: Literal["none", "basic"] = "none"   # basic: random crop (pad 4) + flip
+    train_subset: int = 0                 # use only the first N training samples (0 = all)
+    test_subset: int = 0                  # use only the first N test samples (0 = all)
+    options: dict = field(default_factory=dict)  # reader options, e.g. {path: x.tar.gz}
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    k: int = 4                            # number of stages
+    by: Literal["count", "params", "macs", "memory", "time", "cuts"] = "count"
+    cuts: tuple = ()                      # explicit cut indices (with by=cuts)
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    name: str = "ce"                      # a registered objective
+    head: str = "mlp"                     # head kind of the auxiliary heads
+    heads: tuple = ()                     # one head kind per stage (overrides head)
+    last_head: str = ""                   # task classifier head ("" = the model's own)
+    predictor: str = ""                   # per-stage predictor head trained on detached output
+    options: dict = field(default_factory=dict)  # objective options (e.g. hidden sizes)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: Literal["constant", "cosine", "linear", "step"] = "cosine"
+    min_lr: float = 0.0                   # final LR of cosine / linear decay
+    warmup_epochs: float = 0.0
+    step_epochs: float = 30.0             # step schedule: decay every this many epochs
+    gamma: float = 0.1                    # step schedule: decay factor
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    name: Literal["backprop", "local", "pipeline"] = "local"
+    aux_heads: bool = True                # backprop: also train stage heads on detached features
+    workers: int = 2                      # pipeline: processes on this machine
+    threads: int = 0                      # torch threads per process (0 = cores // workers)
+    device: str = "cpu"                   # e.g. cpu, cuda, cuda:1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 3
+    seed: int = 0
+    out_dir: str = "runs"
+    name: str = ""                        # run folder name ("" = model-engine-timestamp)
+    progress: bool = True                 # progress bar with per-stage losses
+    checkpoint: bool = True               # save a checkpoint after every epoch
+    eval_every: int = 1                   # evaluate every N epochs (and after the last)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _check_value(key: str, value: Any, hint: Any) -> Any:
+    """Coerce ``value`` to the annotation ``hint`` or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            choices = ", ".join(map(str, typing.get_args(hint)))
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {choices}")
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        if isinstance(value, (int, str)):
+            return (value,)
+    elif hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif hint is dict and value is None:
+        return {}
+    elif isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{key}={value!r} has the wrong type: expected {getattr(hint, '__name__', hint)}")
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}{key}'; "
+                              f"{'keys of ' + prefix.rstrip('.') if prefix else 'sections'} are: "
+                              f"{', '.join(names)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                value = {"name": value}  # `engine: pipeline` means engine.name
+            kwargs[key] = _build(hint, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check_value(f"{prefix}{key}", value, hint)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict | None) -> RunConfig:
+    """Validate a nested dict into a :class:`RunConfig` (missing keys take defaults)."""
+    cfg = _build(RunConfig, data or {}, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that a single type cannot express."""
+    positive = {"split.k": cfg.split.k, "data.batch_size": cfg.data.batch_size,
+                "train.epochs": cfg.train.epochs, "engine.workers": cfg.engine.workers}
+    for key, v in positive.items():
+        if v < 1:
+            raise ConfigError(f"{key}={v} is not allowed: it must be at least 1")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr={cfg.optim.lr} is not allowed: it must be positive")
+    if cfg.objective.heads and len(cfg.objective.heads) != cfg.split.k:
+        raise ConfigError(f"objective.heads lists {len(cfg.objective.heads)} heads but "
+                          f"split.k={cfg.split.k}")
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    """The config as plain data (tuples as lists), ready for YAML."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(cfg))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into its key path and YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. train.epochs=5")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set dotted overrides into a nested dict (``split.k=4``, ``engine=pipeline``)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        if len(path) == 1 and path[0] in {f.name for f in dataclasses.fields(RunConfig)}:
+            path = [path[0], "name"]
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run file (optional), apply dotted overrides, validate.
+
+    Raises:
+        ConfigError: for a missing or malformed file, an unknown key or a bad value.
+    """
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist (see configs/ for examples)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections")
+    return from_dict(apply_overrides(data, overrides or []))

@@ -1,0 +1,49 @@
+"""Sequential local training: every stage learns from its own loss on a detached input.
+
+Per batch, stage k runs forward on the detached output of stage k-1, computes its
+local loss, runs backward and steps its own optimizer. Its autograd graph is freed
+by that backward before stage k+1 runs, so at most one stage's activations are held
+for backward at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from locallearn.engines.base import detach, stage_loss
+from locallearn.models.blocks import Activation
+from locallearn.network import LocalNet
+
+
+class LocalEngine:
+    """Sequential gradient-isolated training of the stages (``engine: local``).
+
+    Attribute ``active`` (a set of stage indices, or ``None`` for all) names the stages
+    that train this step (dynamic layer accumulation); the others only run forward.
+    """
+
+    name = "local"
+
+    def __init__(self) -> None:
+        self.active: set[int] | None = None  # None: every stage trains
+
+    def step(self, net: LocalNet, optimizers: Sequence[torch.optim.Optimizer],
+             x: Activation, y: torch.Tensor) -> list[float]:
+        losses = []
+        h = x
+        for k, (stage, opt) in enumerate(zip(net.stages, optimizers)):
+            if self.active is not None and k not in self.active:
+                with torch.no_grad():
+                    h = stage(detach(h))
+                losses.append(float("nan"))
+                continue
+            out = stage(detach(h))
+            loss = stage_loss(stage, out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            h = detach(out)
+        return losses

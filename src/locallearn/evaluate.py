@@ -1,0 +1,48 @@
+"""Evaluation: accuracy of every stage's predictor, the final output and head ensembles.
+
+Ensembles average the softmax of every stage that can predict, uniformly or with
+stage k weighted by 2^k (deeper stages count more), normalised.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from locallearn.models.blocks import Activation
+from locallearn.network import LocalNet
+
+
+@torch.no_grad()
+def evaluate(net: LocalNet, batches: Iterable[tuple[Activation, torch.Tensor]]) -> dict[str, Any]:
+    """Test accuracy (%) of each stage, the final stage and the two ensembles.
+
+    Returns:
+        ``{"stage_acc": [...], "final_acc", "ens_uniform", "ens_weighted", "n"}``;
+        a stage that cannot predict has accuracy ``None``.
+    """
+    was = net.training
+    net.eval()
+    correct = torch.zeros(net.k)
+    can_predict = [True] * net.k
+    ens = {"ens_uniform": 0, "ens_weighted": 0}
+    n = 0
+    for x, y in batches:
+        logits = net.stage_logits(x)
+        probs = []
+        for k, lg in enumerate(logits):
+            if lg is None:
+                can_predict[k] = False
+                continue
+            correct[k] += (lg.argmax(1) == y).sum().item()
+            probs.append((k, lg.softmax(1)))
+        for key, weight in (("ens_uniform", lambda k: 1.0), ("ens_weighted", lambda k: 2.0 ** k)):
+            total = sum(weight(k) for k, _ in probs)
+            avg = sum(weight(k) * p for k, p in probs) / total
+            ens[key] += (avg.argmax(1) == y).sum().item()
+        n += len(y)
+    net.train(was)
+    acc = [100.0 * c.item() / max(n, 1) if ok else None for c, ok in zip(correct, can_predict)]
+    return {"stage_acc": acc, "final_acc": acc[-1], "n": n,
+            **{k: 100.0 * v / max(n, 1) for k, v in ens.items()}}

@@ -1,0 +1,130 @@
+"""Measure, don't guess: memory, time and compute, used by every engine and benchmark.
+
+* :class:`SavedTensorsMeter` counts the bytes of tensors autograd saves for backward
+  (the activation memory that local learning frees early), as a running peak.
+  Parameters are not activations and are left out; a storage saved by several ops
+  counts once.
+* :func:`peak_rss_bytes` is the process's peak resident set size.
+* :func:`macs` counts multiply-accumulates with PyTorch's own FLOP counter.
+* :class:`Timer` measures wall time and samples per second.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+class _Saved:
+    """What the pack hook stores in the graph; releasing it releases the count."""
+
+    __slots__ = ("tensor", "key", "meter")
+
+    def __init__(self, tensor: torch.Tensor, key: int, meter: "SavedTensorsMeter") -> None:
+        self.tensor, self.key, self.meter = tensor, key, meter
+
+    def __del__(self) -> None:
+        self.meter._release(self.key)
+
+
+class SavedTensorsMeter:
+    """Context manager: current and peak bytes of tensors saved for backward.
+
+    Args:
+        exclude: modules whose parameters (and buffers) are not counted.
+
+    Example:
+        >>> with SavedTensorsMeter(model) as m:
+        ...     model(x).sum().backward()
+        >>> m.peak_bytes
+    """
+
+    def __init__(self, *exclude: nn.Module) -> None:
+        self._skip = {p.untyped_storage().data_ptr() for mod in exclude
+                      for p in list(mod.parameters()) + list(mod.buffers())}
+        self._refs: dict[int, list[int]] = {}  # storage ptr -> [references, bytes]
+        self.current_bytes = 0
+        self.peak_bytes = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in self._skip or isinstance(t, nn.Parameter):
+            return t
+        ref = self._refs.setdefault(key, [0, storage.nbytes()])
+        if ref[0] == 0:
+            self.current_bytes += ref[1]
+            self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+        ref[0] += 1
+        return _Saved(t, key, self)
+
+    @staticmethod
+    def _unpack(packed: Any) -> torch.Tensor:
+        return packed.tensor if isinstance(packed, _Saved) else packed
+
+    def _release(self, key: int) -> None:
+        ref = self._refs[key]
+        ref[0] -= 1
+        if ref[0] == 0:
+            self.current_bytes -= ref[1]
+            del self._refs[key]
+
+    def __enter__(self) -> "SavedTensorsMeter":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far, in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def cuda_peak_bytes(device: torch.device | str) -> int | None:
+    """Peak CUDA memory allocated on ``device``, or ``None`` off GPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.max_memory_allocated(device))
+
+
+def param_count(module: nn.Module) -> int:
+    """Number of parameters of ``module``."""
+    return sum(p.numel() for p in module.parameters())
+
+
+@torch.no_grad()
+def macs(fn: Callable[[], Any]) -> int:
+    """Multiply-accumulates performed by ``fn()`` (PyTorch FLOP counter / 2)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() // 2
+
+
+class Timer:
+    """Wall-clock timer with a sample counter; ``rate`` is samples per second."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.samples = 0
+
+    def add(self, n: int) -> None:
+        self.samples += n
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    @property
+    def rate(self) -> float:
+        return self.samples / max(self.seconds, 1e-9)

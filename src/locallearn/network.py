@@ -1,0 +1,130 @@
+"""LocalNet: a model as an ordered list of stages, each a body plus a local objective.
+
+A :class:`Stage` owns a body (consecutive blocks), the objective that trains the body
+and, optionally, a *predictor*: a classifier trained on the body's detached output
+that answers for the stage without shaping its features (per-stage predictors of
+DASCPL, or the auxiliary heads of a BP run). Engines decide how stages are run and
+where gradients stop; a LocalNet itself is an ordinary ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from locallearn.models.blocks import Activation, Backbone, infer_shapes
+from locallearn.objectives.base import Objective, build_objective
+from locallearn.split import find_cuts, stage_ranges
+
+
+class Stage(nn.Module):
+    """A body of consecutive blocks with its local objective (and optional predictor).
+
+    Args:
+        body: the blocks of this stage.
+        objective: the local objective that trains ``body``.
+        predictor: optional objective trained on the detached output of ``body``.
+        in_shape, out_shape: activation shapes (without batch) at the boundaries.
+    """
+
+    def __init__(self, body: nn.Module, objective: Objective, predictor: Objective | None = None,
+                 in_shape: tuple[int, ...] = (), out_shape: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.body = body
+        self.objective = objective
+        self.predictor = predictor
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+
+    def forward(self, h: Activation) -> Activation:
+        return self.body(h)
+
+    def predict(self, out: Activation) -> torch.Tensor | None:
+        """Class logits of this stage for its body output ``out``."""
+        if self.predictor is not None:
+            return self.predictor.predict(out)
+        return self.objective.predict(out)
+
+
+class LocalNet(nn.Module):
+    """The stages of a model in order. ``forward`` is plain inference: the last stage's logits."""
+
+    def __init__(self, stages: Sequence[Stage], num_classes: int) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.num_classes = num_classes
+
+    @property
+    def k(self) -> int:
+        return len(self.stages)
+
+    def forward(self, x: Activation) -> torch.Tensor:
+        for stage in self.stages:
+            x = stage(x)
+        logits = self.stages[-1].predict(x)
+        assert logits is not None, "the last stage's objective must be able to predict"
+        return logits
+
+    def stage_logits(self, x: Activation, upto: int | None = None) -> list[torch.Tensor | None]:
+        """Logits of every stage (``None`` where a stage cannot predict), up to stage ``upto``."""
+        out = []
+        for stage in list(self.stages)[: upto]:
+            x = stage(x)
+            out.append(stage.predict(x))
+        return out
+
+    @classmethod
+    def from_backbone(cls, backbone: Backbone, k: int = 1, *, by: str = "count",
+                      cuts: Sequence[int] | None = None, objective: str = "ce",
+                      head: str | Sequence[str] = "mlp", last_head: str | None = None,
+                      predictor: str | None = None, objective_options: dict[str, Any] | None = None,
+                      split_batch: int = 32) -> "LocalNet":
+        """Split ``backbone`` into ``k`` stages and give each its local objective.
+
+        Args:
+            backbone: the model's blocks and shapes.
+            k: number of stages.
+            by: how to choose the cuts (see :mod:`locallearn.split`).
+            cuts: explicit cut indices (overrides ``by``).
+            objective: registered objective name for every stage.
+            head: head kind of the auxiliary heads, one for all or one per stage.
+            last_head: head of the last stage (the task classifier); default the
+                backbone's own head.
+            predictor: head kind of an extra per-stage predictor trained with CE on the
+                detached stage output (``None``: no predictors).
+            objective_options: extra options for the objective builder.
+            split_batch: batch size of the sample used by measured splits.
+        """
+        ranges = stage_ranges(find_cuts(backbone, k, by, list(cuts or []), split_batch), len(backbone))
+        heads = [head] * k if isinstance(head, str) else list(head)
+        if len(heads) != k:
+            raise ValueError(f"objective.heads lists {len(heads)} heads for {k} stages")
+        heads[-1] = last_head or backbone.head
+        stages = []
+        for i, (r, h) in enumerate(zip(ranges, heads)):
+            out_shape = backbone.shapes[r.stop]
+            opts = dict(objective_options or {})
+            if i == k - 1:
+                opts.update(backbone.head_options)
+            obj = build_objective(objective, out_shape, backbone.num_classes, head=h, **opts)
+            pred = None
+            if predictor:
+                pred = build_objective("ce", out_shape, backbone.num_classes, head=predictor,
+                                       **(backbone.head_options if i == k - 1 else {}))
+            stages.append(Stage(nn.Sequential(*backbone.blocks[r.start:r.stop]), obj, pred,
+                                backbone.shapes[r.start], out_shape))
+        return cls(stages, backbone.num_classes)
+
+    @classmethod
+    def from_blocks(cls, blocks: nn.Sequential | Sequence[nn.Module], input_shape: tuple[int, ...],
+                    num_classes: int, k: int = 1, head: str = "0c1f", **kwargs: Any) -> "LocalNet":
+        """Wrap your own model (an ``nn.Sequential`` or a list of blocks) as a LocalNet.
+
+        Example:
+            >>> net = LocalNet.from_blocks(my_sequential, (3, 32, 32), 10, k=4, head="1c2f")
+        """
+        blocks = list(blocks)
+        backbone = Backbone("custom", blocks, infer_shapes(blocks, input_shape), num_classes,
+                            head=kwargs.pop("last_head", head))
+        return cls.from_backbone(backbone, k, head=head, **kwargs)

@@ -1,0 +1,34 @@
+"""Cross-entropy through an auxiliary head: the local objective of (decoupled) greedy learning."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from locallearn.models.blocks import Activation
+from locallearn.objectives.base import Objective, register_objective
+from locallearn.objectives.heads import build_head
+
+
+class HeadCE(Objective):
+    """Cross-entropy of ``head(h)``; the head's logits are also the stage's prediction."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def loss(self, h: Activation, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.head(h), y)
+
+    def predict(self, h: Activation) -> torch.Tensor:
+        return self.head(h)
+
+
+@register_objective("ce", "cross-entropy of an auxiliary classifier head (DGL / greedy local learning)")
+def ce_objective(in_shape: tuple[int, ...], num_classes: int, *, head: str = "mlp",
+                 **options: Any) -> HeadCE:
+    """A :class:`HeadCE` with a head of kind ``head`` (see :mod:`locallearn.objectives.heads`)."""
+    return HeadCE(build_head(head, in_shape, num_classes, **options))

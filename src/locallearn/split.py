@@ -1,0 +1,167 @@
+"""Cut a backbone's blocks into K contiguous stages.
+
+Splitting is data: a split is a list of cut indices (the first block of every stage
+after the first), chosen by
+
+==========  ===============================================================
+``cuts``     explicit cut indices
+``count``    equal number of blocks per stage
+``params``   balanced parameter count
+``macs``     balanced multiply-accumulates
+``memory``   balanced activation memory (bytes saved for backward, measured)
+``time``     balanced measured forward + backward time
+==========  ===============================================================
+
+Balancing picks the contiguous partition that minimises the largest stage cost
+(exact dynamic programme; models have at most a few hundred blocks).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from locallearn.measure import SavedTensorsMeter, macs, param_count
+from locallearn.models.blocks import Activation, Backbone
+
+SPLIT_BY = ("count", "params", "macs", "memory", "time", "cuts")
+
+
+def _sample(shape: tuple[int, ...], batch: int) -> torch.Tensor:
+    return torch.randn(batch, *shape)
+
+
+def _block_inputs(backbone: Backbone, batch: int, sample: Activation | None) -> list[Activation]:
+    """The input of every block for one sample batch (eval mode, no grad)."""
+    h: Activation = sample if sample is not None else _sample(backbone.shapes[0], batch)
+    inputs = []
+    with torch.no_grad():
+        for block in backbone.blocks:
+            inputs.append(h)
+            was = block.training
+            h = block.eval()(h)
+            block.train(was)
+    return inputs
+
+
+def _requires_grad(h: Activation) -> Activation:
+    if isinstance(h, tuple):
+        return tuple(_requires_grad(t) for t in h)
+    return h.detach().requires_grad_(h.is_floating_point())
+
+
+def _sum(h: Activation) -> torch.Tensor:
+    return h[0].sum() if isinstance(h, tuple) else h.sum()
+
+
+def block_costs(backbone: Backbone, by: str, batch: int = 32,
+                sample: Activation | None = None, repeats: int = 3) -> list[float]:
+    """Cost of each block under measure ``by`` (``params``, ``macs``, ``memory``, ``time``).
+
+    ``memory`` is the peak bytes saved for backward by one block on a batch of
+    ``batch`` samples; ``time`` the median forward + backward seconds on that batch.
+
+    Raises:
+        ValueError: for an unknown measure.
+    """
+    if by == "count":
+        return [1.0] * len(backbone.blocks)
+    if by == "params":
+        return [float(param_count(b)) for b in backbone.blocks]
+    inputs = _block_inputs(backbone, batch, sample)
+    costs = []
+    for block, x in zip(backbone.blocks, inputs):
+        if by == "macs":
+            costs.append(float(macs(lambda: block(x))) / batch)
+        elif by == "memory":
+            with SavedTensorsMeter(block) as meter:
+                _sum(block(_requires_grad(x))).backward()
+            costs.append(float(meter.peak_bytes))
+        elif by == "time":
+            costs.append(_time_block(block, x, repeats))
+        else:
+            raise ValueError(f"unknown split measure {by!r}; choose one of: {', '.join(SPLIT_BY)}")
+    return costs
+
+
+def _time_block(block: nn.Module, x: Activation, repeats: int) -> float:
+    times = []
+    for _ in range(repeats + 1):  # the first run warms up allocators and kernels
+        t0 = time.perf_counter()
+        _sum(block(_requires_grad(x))).backward()
+        times.append(time.perf_counter() - t0)
+    block.zero_grad(set_to_none=True)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def balanced_cuts(costs: list[float], k: int) -> list[int]:
+    """Cut indices of the contiguous K-partition of ``costs`` with the smallest maximum part.
+
+    Raises:
+        ValueError: if ``k`` is not between 1 and ``len(costs)``.
+    """
+    n = len(costs)
+    check_k(k, n)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+
+    @lru_cache(maxsize=None)
+    def best(start: int, parts: int) -> tuple[float, tuple[int, ...]]:
+        if parts == 1:
+            return prefix[n] - prefix[start], ()
+        options = []
+        for cut in range(start + 1, n - parts + 2):
+            rest, cuts = best(cut, parts - 1)
+            options.append((max(prefix[cut] - prefix[start], rest), (cut, *cuts)))
+        return min(options)
+
+    return list(best(0, k)[1])
+
+
+def check_k(k: int, n_blocks: int) -> None:
+    """Raise a clear error unless 1 <= k <= number of blocks."""
+    if not 1 <= k <= n_blocks:
+        raise ValueError(f"split.k={k} is not allowed: the model has {n_blocks} blocks, "
+                         f"so k must be between 1 and {n_blocks}")
+
+
+def check_cuts(cuts: list[int], n_blocks: int) -> list[int]:
+    """Validate explicit cut indices (strictly increasing, inside 1..n_blocks-1)."""
+    cuts = [int(c) for c in cuts]
+    if any(b <= a for a, b in zip(cuts, cuts[1:])) or any(not 0 < c < n_blocks for c in cuts):
+        raise ValueError(f"split.cuts={cuts} is not allowed: cut indices must be strictly "
+                         f"increasing and between 1 and {n_blocks - 1}")
+    return cuts
+
+
+def find_cuts(backbone: Backbone, k: int, by: str = "count", cuts: list[int] | None = None,
+              batch: int = 32, sample: Activation | None = None) -> list[int]:
+    """Cut indices for ``k`` stages of ``backbone`` chosen by ``by`` (see module doc)."""
+    n = len(backbone.blocks)
+    if by == "cuts" or cuts:
+        chosen = check_cuts(list(cuts or []), n)
+        if by != "cuts" and len(chosen) != k - 1:
+            raise ValueError(f"split.cuts has {len(chosen)} cut(s) but split.k={k} needs {k - 1}")
+        return chosen
+    if by not in SPLIT_BY:
+        raise ValueError(f"unknown split.by {by!r}; choose one of: {', '.join(SPLIT_BY)}")
+    return balanced_cuts(block_costs(backbone, by, batch, sample), k)
+
+
+@dataclass
+class StageRange:
+    """Blocks ``start`` (inclusive) to ``stop`` (exclusive) of a backbone."""
+
+    start: int
+    stop: int
+
+
+def stage_ranges(cuts: list[int], n_blocks: int) -> list[StageRange]:
+    """Turn cut indices into the block range of every stage."""
+    edges = [0, *cuts, n_blocks]
+    return [StageRange(a, b) for a, b in zip(edges, edges[1:])]

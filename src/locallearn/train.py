@@ -1,0 +1,255 @@
+"""The training loop: builds a run from its config, trains it with an engine, records it.
+
+The trainer knows nothing of the model: it asks the engine for one step per batch,
+steps each stage's LR schedule, evaluates, and writes metrics and an atomic
+checkpoint after every epoch. ``Trainer.fit`` is the whole run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from locallearn import runs
+from locallearn.config import RunConfig, to_dict
+from locallearn.data import Augment, DataSplits, batches, load_data
+from locallearn.engines import Engine, build_engine
+from locallearn.evaluate import evaluate
+from locallearn.measure import SavedTensorsMeter, Timer, cuda_peak_bytes, macs, param_count, peak_rss_bytes
+from locallearn.models.blocks import build_model
+from locallearn.network import LocalNet
+from locallearn.optim import build_optimizer, build_scheduler
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a loss became NaN); the last good checkpoint is kept."""
+
+
+def build_data(cfg: RunConfig) -> DataSplits:
+    """Load the configured data set, cut to the configured subsets."""
+    data = load_data(cfg.data.name, cfg.data.data_dir, **cfg.data.options)
+    if cfg.data.train_subset:
+        data = dataclasses.replace(data, train=data.train.subset(cfg.data.train_subset))
+    if cfg.data.test_subset:
+        data = dataclasses.replace(data, test=data.test.subset(cfg.data.test_subset))
+    return data
+
+
+def build_net(cfg: RunConfig, data: DataSplits) -> LocalNet:
+    """Build the configured model for ``data`` and split it into stages."""
+    options = dict(cfg.model.options)
+    if "vocab_size" in data.meta:  # text models take their vocabulary from the data
+        options.setdefault("vocab_size", data.meta["vocab_size"])
+    backbone = build_model(cfg.model.name, data.input_shape, data.num_classes, **options)
+    o = cfg.objective
+    return LocalNet.from_backbone(
+        backbone, cfg.split.k, by=cfg.split.by, cuts=list(cfg.split.cuts),
+        objective=o.name, head=list(o.heads) if o.heads else o.head,
+        last_head=o.last_head or None, predictor=o.predictor or None,
+        objective_options=dict(o.options))
+
+
+def stage_costs(net: LocalNet, sample: Any) -> list[dict[str, int]]:
+    """Parameters and MACs per sample of every stage's body and objective."""
+    rows = []
+    h = sample
+    for stage in net.stages:
+        body_macs = macs(lambda: stage.body.eval()(h)) // len(sample)
+        with torch.no_grad():
+            out = stage.body(h)
+        head_macs = macs(lambda: stage.objective.eval().predict(out)) // len(sample)
+        rows.append({"params": param_count(stage.body), "head_params": param_count(stage.objective),
+                     "macs": body_macs, "head_macs": head_macs})
+        h = out
+    net.train()
+    return rows
+
+
+class Trainer:
+    """Trains ``net`` on ``data`` as ``cfg`` says, writing into ``run_dir`` (if given).
+
+    Args:
+        net: the stages to train.
+        data: train and test splits.
+        cfg: the resolved run configuration.
+        run_dir: run folder for metrics and checkpoints (``None``: record nothing).
+        engine: the engine (default: from ``cfg.engine``).
+    """
+
+    def __init__(self, net: LocalNet, data: DataSplits, cfg: RunConfig,
+                 run_dir: Path | None = None, engine: Engine | None = None) -> None:
+        self.cfg, self.data, self.run_dir = cfg, data, run_dir
+        self.device = torch.device(cfg.engine.device)
+        self.net = net.to(self.device)
+        self.engine = engine or build_engine(cfg.engine.name, aux_heads=cfg.engine.aux_heads)
+        o = cfg.optim
+        self.steps_per_epoch = math.ceil(len(data.train) / cfg.data.batch_size)
+        total = self.steps_per_epoch * cfg.train.epochs
+        self.optimizers = [build_optimizer(s.parameters(), o.name, o.lr, o.momentum, o.nesterov,
+                                           o.weight_decay) for s in net.stages]
+        self.schedulers = [build_scheduler(opt, total, o.schedule,
+                                           round(o.warmup_epochs * self.steps_per_epoch),
+                                           o.min_lr / o.lr, round(o.step_epochs * self.steps_per_epoch),
+                                           o.gamma) for opt in self.optimizers]
+        self.generator = torch.Generator().manual_seed(cfg.train.seed)
+        self.augment = Augment() if cfg.data.augment == "basic" else None
+        self.epoch = 0
+        self.history: list[dict[str, Any]] = []
+
+    # -- data ------------------------------------------------------------------------
+    def train_batches(self):
+        return batches(self.data.train, self.cfg.data.batch_size, shuffle=True,
+                       generator=self.generator, device=self.device, augment=self.augment,
+                       mean=self.data.meta.get("mean"), std=self.data.meta.get("std"))
+
+    def test_batches(self):
+        return batches(self.data.test, max(256, self.cfg.data.batch_size), shuffle=False,
+                       generator=None, device=self.device, mean=self.data.meta.get("mean"),
+                       std=self.data.meta.get("std"))
+
+    # -- one epoch -------------------------------------------------------------------
+    def train_epoch(self) -> dict[str, Any]:
+        """Train one epoch; returns mean per-stage loss, throughput and memory figures."""
+        k = self.net.k
+        sums, counts = [0.0] * k, [0] * k
+        timer = Timer()
+        saved_peak = 0
+        bar = tqdm(self.train_batches(), total=self.steps_per_epoch, leave=False,
+                   disable=not self.cfg.train.progress, desc=f"epoch {self.epoch + 1}")
+        for i, (x, y) in enumerate(bar):
+            if i == 0:  # one measured step per epoch: the hooks cost time on every saved tensor
+                with SavedTensorsMeter(self.net) as meter:
+                    losses = self.engine.step(self.net, self.optimizers, x, y)
+                saved_peak = meter.peak_bytes
+            else:
+                losses = self.engine.step(self.net, self.optimizers, x, y)
+            self.check_finite(losses)
+            for s in self.schedulers:
+                s.step()
+            for j, v in enumerate(losses):
+                if not math.isnan(v):
+                    sums[j] += v
+                    counts[j] += 1
+            timer.add(len(y))
+            bar.set_postfix_str(" ".join(f"{v:.3f}" for v in losses))
+        return {"train_loss": [s / c if c else float("nan") for s, c in zip(sums, counts)],
+                "epoch_seconds": timer.seconds, "samples_per_s": timer.rate,
+                "saved_bytes_peak": saved_peak, "peak_rss": peak_rss_bytes(),
+                "cuda_peak": cuda_peak_bytes(self.device),
+                "lr": self.schedulers[-1].get_last_lr()[0]}
+
+    def check_finite(self, losses: list[float]) -> None:
+        """Stop with an error naming the stage and epoch if a trained stage's loss is not finite."""
+        for k, v in enumerate(losses):
+            if not math.isfinite(v) and self._trained(k):
+                raise TrainingError(
+                    f"the loss of stage {k + 1} became {v} in epoch {self.epoch + 1}; "
+                    f"lower optim.lr or check the data. The last good checkpoint is kept"
+                    + (f" in {self.run_dir}" if self.run_dir else ""))
+
+    def _trained(self, k: int) -> bool:
+        active = getattr(self.engine, "active", None)
+        aux = getattr(self.engine, "aux_heads", True)
+        return (active is None or k in active) and (aux or k == self.net.k - 1)
+
+    # -- the run ---------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train for the configured epochs (from ``self.epoch`` on); returns the summary."""
+        cfg = self.cfg
+        if self.run_dir is not None and self.epoch == 0:
+            runs.save_config(self.run_dir, cfg)
+            runs.write_json(self.run_dir / "env.json",
+                            runs.environment(str(self.device), torch.get_num_threads()))
+        start = time.perf_counter()
+        while self.epoch < cfg.train.epochs:
+            row = {"epoch": self.epoch + 1, **self.train_epoch()}
+            self.epoch += 1
+            if self.epoch % cfg.train.eval_every == 0 or self.epoch == cfg.train.epochs:
+                row.update(evaluate(self.net, self.test_batches()))
+            self.history.append(row)
+            self.record(row)
+        return self.summary(time.perf_counter() - start)
+
+    def record(self, row: dict[str, Any]) -> None:
+        if self.run_dir is None:
+            return
+        runs.append_metrics(self.run_dir, row)
+        if self.cfg.train.checkpoint:
+            runs.save_checkpoint(self.run_dir / runs.CHECKPOINT, self.state_dict())
+        runs.plot_curves(self.run_dir)
+
+    def summary(self, seconds: float) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        x, _ = next(iter(batches(self.data.test, 2, shuffle=False, generator=None,
+                                 device=self.device, mean=self.data.meta.get("mean"),
+                                 std=self.data.meta.get("std"))))
+        out = {
+            "name": self.run_dir.name if self.run_dir else "",
+            "model": self.cfg.model.name, "engine": self.cfg.engine.name, "k": self.net.k,
+            "data": self.cfg.data.name, "epochs": self.epoch,
+            "final_acc": last.get("final_acc"), "stage_acc": last.get("stage_acc"),
+            "ens_uniform": last.get("ens_uniform"), "ens_weighted": last.get("ens_weighted"),
+            "train_seconds": sum(r["epoch_seconds"] for r in self.history),
+            "wall_seconds": seconds,
+            "samples_per_s": (sum(r["samples_per_s"] for r in self.history) / len(self.history))
+            if self.history else None,
+            "saved_bytes_peak": max((r["saved_bytes_peak"] for r in self.history), default=None),
+            "peak_rss": peak_rss_bytes(), "stages": stage_costs(self.net, x),
+            "threads": torch.get_num_threads(),
+        }
+        if self.run_dir is not None:
+            runs.write_json(self.run_dir / "summary.json", out)
+        return out
+
+    # -- checkpoints -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": to_dict(self.cfg), "epoch": self.epoch, "net": self.net.state_dict(),
+                "optimizers": [o.state_dict() for o in self.optimizers],
+                "schedulers": [s.state_dict() for s in self.schedulers],
+                "generator": self.generator.get_state(), "rng": torch.get_rng_state(),
+                "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        for o, s in zip(self.optimizers, state["optimizers"]):
+            o.load_state_dict(s)
+        for sch, s in zip(self.schedulers, state["schedulers"]):
+            sch.load_state_dict(s)
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["rng"])
+        self.epoch, self.history = state["epoch"], list(state["history"])
+
+
+def run(cfg: RunConfig, resume: str | Path | None = None) -> tuple[dict[str, Any], Path]:
+    """Run a whole training job from its config: data, model, engine, run folder.
+
+    Args:
+        cfg: the run configuration.
+        resume: a run folder to continue from its last checkpoint (its saved config
+            is used, except ``train.epochs``, which may be raised).
+
+    Returns:
+        The run summary and the run folder.
+    """
+    torch.manual_seed(cfg.train.seed)
+    if resume is not None:
+        run_dir = Path(resume)
+        state = runs.load_checkpoint(run_dir)
+        saved = runs.load_run_config(run_dir)
+        cfg = dataclasses.replace(saved, train=dataclasses.replace(saved.train, epochs=cfg.train.epochs))
+        torch.manual_seed(cfg.train.seed)
+    else:
+        run_dir = runs.new_run_dir(cfg)
+    data = build_data(cfg)
+    trainer = Trainer(build_net(cfg, data), data, cfg, run_dir)
+    if resume is not None:
+        trainer.load_state_dict(state)
+        runs.truncate_metrics(run_dir, trainer.epoch)
+        runs.save_config(run_dir, cfg)
+    return trainer.fit(), run_dir
