@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -78,7 +78,7 @@ def _cmd_split(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from locallearn.data import DATASETS
+    from locallearn.data import DATASET_HELP
     from locallearn.engines import ENGINES
     from locallearn.models import MODELS
     from locallearn.objectives import HEAD_KINDS, OBJECTIVES
@@ -86,17 +86,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
     sections = [("models", {k: v[1] for k, v in MODELS.items()}),
                 ("objectives", {k: v[1] for k, v in OBJECTIVES.items()}),
                 ("engines", ENGINES),
-                ("data sets", {k: _help(v) for k, v in DATASETS.items()}),
+                ("data sets", dict(DATASET_HELP)),
                 ("heads", {k: "" for k in HEAD_KINDS})]
     for title, items in sections:
         print(f"{title}:")
         for name, help_ in sorted(items.items()):
             print(f"  {name:<16} {help_}")
     return 0
-
-
-def _help(entry: Any) -> str:
-    return entry[1] if isinstance(entry, tuple) else (getattr(entry, "__doc__", "") or "").strip().split("\n")[0]
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:

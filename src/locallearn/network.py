@@ -30,14 +30,23 @@ class Stage(nn.Module):
     """
 
     def __init__(self, body: nn.Module, objective: Objective, predictor: Objective | None = None,
-                 in_shape: tuple[int, ...] = (), out_shape: tuple[int, ...] = ()) -> None:
+                 in_shape: tuple[int, ...] = (), out_shape: tuple[int, ...] = (),
+                 context: nn.Module | None = None) -> None:
         super().__init__()
         self.body = body
         self.objective = objective
         self.predictor = predictor
+        self.context = context
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
 
-    def forward(self, h: Activation) -> Activation:
+    def forward(self, h: Activation, trail: Sequence[Activation] = ()) -> Activation:
+        """Run the body on ``h``, plus this stage's context of the earlier ``trail`` if it has one.
+
+        ``trail`` holds the network input and the outputs of the earlier boundaries, in
+        order (``trail[0]`` is the input). Context supply adds ``context(trail)`` to ``h``.
+        """
+        if self.context is not None:
+            h = self.context(h, trail)
         return self.body(h)
 
     def predict(self, out: Activation) -> torch.Tensor | None:
@@ -59,9 +68,16 @@ class LocalNet(nn.Module):
     def k(self) -> int:
         return len(self.stages)
 
+    @property
+    def needs_trail(self) -> bool:
+        """True if some stage takes context from the input or earlier boundaries."""
+        return any(s.context is not None for s in self.stages)
+
     def forward(self, x: Activation) -> torch.Tensor:
+        trail: list[Activation] = []
         for stage in self.stages:
-            x = stage(x)
+            trail.append(x)
+            x = stage(x, trail)
         logits = self.stages[-1].predict(x)
         assert logits is not None, "the last stage's objective must be able to predict"
         return logits
@@ -69,8 +85,10 @@ class LocalNet(nn.Module):
     def stage_logits(self, x: Activation, upto: int | None = None) -> list[torch.Tensor | None]:
         """Logits of every stage (``None`` where a stage cannot predict), up to stage ``upto``."""
         out = []
+        trail: list[Activation] = []
         for stage in list(self.stages)[: upto]:
-            x = stage(x)
+            trail.append(x)
+            x = stage(x, trail)
             out.append(stage.predict(x))
         return out
 

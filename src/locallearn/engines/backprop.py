@@ -27,10 +27,12 @@ class BackpropEngine:
 
     def step(self, net: LocalNet, optimizers: Sequence[torch.optim.Optimizer],
              x: Activation, y: torch.Tensor) -> list[float]:
-        outs = []
+        outs: list[Activation] = []
+        trail: list[Activation] = []
         h = x
         for stage in net.stages:
-            h = stage(h)
+            trail.append(h)
+            h = stage(h, trail)
             outs.append(h)
         last = net.stages[-1]
         task = stage_loss(last, h, y)

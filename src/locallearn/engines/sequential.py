@@ -33,17 +33,21 @@ class LocalEngine:
              x: Activation, y: torch.Tensor) -> list[float]:
         losses = []
         h = x
+        trail: list[Activation] = []  # detached input and boundary outputs, for context supply
         for k, (stage, opt) in enumerate(zip(net.stages, optimizers)):
+            h = detach(h)
+            if net.needs_trail:
+                trail.append(h)
             if self.active is not None and k not in self.active:
                 with torch.no_grad():
-                    h = stage(detach(h))
+                    h = stage(h, trail)
                 losses.append(float("nan"))
                 continue
-            out = stage(detach(h))
+            out = stage(h, trail)
             loss = stage_loss(stage, out, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(loss.item())
-            h = detach(out)
+            h = out
         return losses
