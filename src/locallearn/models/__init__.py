@@ -5,6 +5,7 @@ num_classes, **options)`` builds one and ``MODELS`` maps names to ``(builder, he
 """
 
 from locallearn.models import mlp, resnet, vgg  # noqa: F401  (importing registers them)
+from locallearn.models import text  # noqa: F401
 from locallearn.models.blocks import MODELS, Backbone, build_model, register_model
 
 __all__ = ["MODELS", "Backbone", "build_model", "register_model"]
