@@ -200,7 +200,7 @@ def test_label_out_of_range_names_file_line_and_range(tmp_path: Path) -> None:
 def test_generic_csv_with_header_and_names(tmp_path: Path) -> None:
     write(tmp_path / "d" / "train.csv", "text,topic,extra\nhello world,greet,x\nbye,leave,y\n")
     write(tmp_path / "d" / "test.csv", "text,topic,extra\nhello,greet,z\n")
-    data = load_data("csv", tmp_path, path="d", label_column="topic", text_columns=["text"],
+    data = load_data("csv", tmp_path, path="d", label_column="topic", text_columns="text",
                      has_header=True, max_len=3)
     assert data.train.classes == ["greet", "leave"] and data.train.y.tolist() == [0, 1]
     assert data.test.y.tolist() == [0]

@@ -466,6 +466,8 @@ def csv_texts(root: Path, path: str = ".", label_column: int | str = 0,
     """
     folder = _require(root / path, "CSV folder", "<path>/train.csv and <path>/test.csv")
     file_classes = _class_names(folder, [])
+    if isinstance(text_columns, (str, int)):  # one column given bare, e.g. from the CLI
+        text_columns = [text_columns]
 
     def read() -> tuple[RawText, RawText]:
         kw: dict[str, Any] = {"label_column": label_column, "text_columns": list(text_columns),
