@@ -34,7 +34,7 @@ class DataConfig:
     name: str = "digits"                  # a registered data set (`locallearn list`)
     data_dir: Union[str, None] = None     # root folder; default $LOCALLEARN_DATA_DIR or ./data
     batch_size: int = 64
-    augment: Literal["none", "basic"] = "none"   # basic: random crop (pad 4) + flip
+    augment: Literal["none", "basic", "strong"] = "none"  # basic: crop + flip; strong: SimCLR (kornia)
     train_subset: int = 0                 # use only the first N training samples (0 = all)
     test_subset: int = 0                  # use only the first N test samples (0 = all)
     options: dict = field(default_factory=dict)  # reader options, e.g. {path: x.tar.gz}
@@ -121,6 +121,11 @@ def _check_value(key: str, value: Any, hint: Any) -> Any:
             return (value,)
     elif hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    elif hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     elif hint is dict and value is None:
         return {}
     elif isinstance(value, hint) and not (hint is int and isinstance(value, bool)):

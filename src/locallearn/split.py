@@ -150,6 +150,9 @@ def find_cuts(backbone: Backbone, k: int, by: str = "count", cuts: list[int] | N
         return chosen
     if by not in SPLIT_BY:
         raise ValueError(f"unknown split.by {by!r}; choose one of: {', '.join(SPLIT_BY)}")
+    if by == "count":  # as equal as possible, the larger stages first
+        check_k(k, n)
+        return [sum(n // k + (j < n % k) for j in range(i)) for i in range(1, k)]
     return balanced_cuts(block_costs(backbone, by, batch, sample), k)
 
 

@@ -1,0 +1,138 @@
+"""The CLI end to end on the embedded digits data, resume equivalence, and user errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from locallearn import runs
+from locallearn.cli import main
+from locallearn.config import load_config
+from locallearn.train import Trainer, TrainingError, run
+
+
+def _only_run(out: Path) -> Path:
+    (d,) = [p for p in out.iterdir() if p.is_dir()]
+    return d
+
+
+def test_train_writes_a_complete_run_folder(tiny_cfg, tmp_path, capsys):
+    assert main(["train", *tiny_cfg, "train.name=r1", "train.epochs=3"]) == 0
+    d = tmp_path / "r1"
+    for f in ("config.yaml", "env.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "curves.png"):
+        assert (d / f).is_file(), f
+    rows = runs.read_metrics(d)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["k"] == 4 and len(summary["stage_acc"]) == 4
+    assert summary["final_acc"] > 40  # digits is easy: chance is 10%, 3 epochs give ~65%
+    assert len(summary["stages"]) == 4 and all(s["macs"] > 0 for s in summary["stages"])
+    out = capsys.readouterr().out
+    assert "final acc" in out and "r1" in out
+    # eval and compare read the folder back
+    assert main(["eval", str(d)]) == 0
+    assert f"final {summary['final_acc']:.2f}" in capsys.readouterr().out
+    assert main(["compare", str(d), str(d)]) == 0
+
+
+def test_resume_reaches_the_same_parameters(tiny_cfg, tmp_path, monkeypatch):
+    cfg = tiny_cfg + ["train.epochs=3", "data.augment=basic"]
+    full, full_dir = run(load_config(None, cfg + ["train.name=full"]))
+    original = Trainer.train_epoch
+
+    def crash_in_epoch_2(self):
+        if self.epoch == 1:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_epoch", crash_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(load_config(None, cfg + ["train.name=part"]))
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+    resumed, part_dir = run(load_config(None, tiny_cfg + ["train.epochs=3"]),
+                            resume=tmp_path / "part")
+    a = runs.load_checkpoint(full_dir)["net"]
+    b = runs.load_checkpoint(part_dir)["net"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
+    assert resumed["final_acc"] == full["final_acc"]
+    assert [r["epoch"] for r in runs.read_metrics(part_dir)] == [1, 2, 3]
+
+
+def test_nan_loss_stops_with_stage_and_epoch_and_keeps_checkpoint(tiny_cfg, tmp_path, monkeypatch):
+    original = Trainer.train_batches
+    saved = {}
+
+    def nan_in_epoch_2(self):
+        if self.epoch == 1:  # epoch 1 is done and checkpointed: remember it, then corrupt data
+            saved["good"] = (tmp_path / "nan" / "checkpoint.pt").read_bytes()
+            return ((x * float("nan"), y) for x, y in original(self))
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_batches", nan_in_epoch_2)
+    with pytest.raises(TrainingError, match=r"stage 1 became nan in epoch 2"):
+        run(load_config(None, tiny_cfg + ["train.epochs=3", "train.name=nan"]))
+    assert (tmp_path / "nan" / "checkpoint.pt").read_bytes() == saved["good"]
+    assert runs.load_checkpoint(tmp_path / "nan")["epoch"] == 1
+
+
+def test_checkpoint_cannot_run_code_and_corrupt_file_is_named(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"net": {}, "config": {}, "x": Evil()}, path)
+    with pytest.raises(runs.RunError, match="corrupt or not a locallearn checkpoint"):
+        runs.load_checkpoint(path)
+    (tmp_path / "trunc.pt").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(runs.RunError, match="trunc.pt"):
+        runs.load_checkpoint(tmp_path / "trunc.pt")
+
+
+def test_atomic_save_keeps_the_old_file_when_saving_fails(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    runs.save_checkpoint(path, {"net": {"w": torch.ones(2)}, "config": {}})
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        runs.save_checkpoint(path, {"net": {"w": torch.zeros(2)}, "config": {}})
+    assert runs.load_checkpoint(path)["net"]["w"].tolist() == [1.0, 1.0]
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "split.k=99"], ["split.k=99", "4 blocks"]),
+    (["train", "split.kk=2"], ["unknown config key 'split.kk'"]),
+    (["train", "data=nosuch"], ["nosuch", "digits"]),
+    (["eval", "/nonexistent/run"], ["/nonexistent/run"]),
+])
+def test_user_errors_are_one_line_without_traceback(args, words, tiny_cfg, capsys):
+    base = [a for a in tiny_cfg if not a.startswith("split.k")] if args[0] == "train" else []
+    code = main([args[0], *base, *args[1:]])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err
+    for w in words:
+        assert w in err
+
+
+def test_model_that_does_not_fit_the_data_is_named(tiny_cfg, capsys):
+    # digits are 8x8 images; a text model needs token ids (L,) and a vocabulary
+    code = main(["train", *tiny_cfg, "model=lstm", "split.k=2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "(1, 8, 8)" in err, err
+
+
+def test_list_and_split(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("resnet32", "ce", "local", "digits", "cifar10", "1c2f"):
+        assert name in out
+    assert main(["split", "--model", "resnet32", "--k", "4", "--by", "memory", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n| ") >= 5 and "saved act MiB" in out and "MMACs" in out
