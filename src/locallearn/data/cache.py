@@ -114,6 +114,7 @@ def _write(path: Path, arrays: Arrays) -> None:
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, **arrays)  # type: ignore[arg-type]
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache may be shared
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

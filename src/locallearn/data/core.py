@@ -14,15 +14,15 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from locallearn.data.augment import Augment
-
 DATA_DIR_ENV = "LOCALLEARN_DATA_DIR"
+# An augmentation: a float batch (B, C, H, W) and a generator in, a batch out. Augment
+# (basic crop/flip) is one; stronger pipelines follow the same call.
+AugmentFn = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
 DEFAULT_DATA_DIR = "./data"
 
 
@@ -219,7 +219,7 @@ def batches(
     shuffle: bool,
     generator: torch.Generator | None,
     device: torch.device | str = "cpu",
-    augment: Augment | None = None,
+    augment: AugmentFn | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     drop_last: bool = False,
