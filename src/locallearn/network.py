@@ -125,7 +125,8 @@ class LocalNet(nn.Module):
             opts = dict(objective_options or {})
             if i == k - 1:
                 opts.update(backbone.head_options)
-            obj = build_objective(objective, out_shape, backbone.num_classes, head=h, **opts)
+            obj = build_objective(objective, out_shape, backbone.num_classes, head=h,
+                                  last=i == k - 1, **opts)
             pred = None
             if predictor:
                 pred = build_objective("ce", out_shape, backbone.num_classes, head=predictor,

@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from locallearn import runs
 from locallearn.config import RunConfig, to_dict
-from locallearn.data import Augment, DataSplits, batches, load_data
+from locallearn.data import DataSplits, batches, load_data
+from locallearn.data.strong_augment import build_augment
 from locallearn.engines import Engine, build_engine
 from locallearn.evaluate import evaluate
 from locallearn.measure import SavedTensorsMeter, Timer, cuda_peak_bytes, macs, param_count, peak_rss_bytes
@@ -98,7 +99,7 @@ class Trainer:
                                            o.min_lr / o.lr, round(o.step_epochs * self.steps_per_epoch),
                                            o.gamma) for opt in self.optimizers]
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
-        self.augment = Augment() if cfg.data.augment == "basic" else None
+        self.augment = build_augment(cfg.data.augment)
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
 

@@ -3,7 +3,7 @@
 Importing this package registers every objective in :data:`OBJECTIVES`.
 """
 
-from locallearn.objectives import ce  # noqa: F401
+from locallearn.objectives import ce, supcon  # noqa: F401
 from locallearn.objectives.base import OBJECTIVES, Objective, build_objective, register_objective
 from locallearn.objectives.heads import HEAD_KINDS, build_head
 
