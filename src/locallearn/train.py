@@ -248,6 +248,8 @@ def run(cfg: RunConfig, resume: str | Path | None = None) -> tuple[dict[str, Any
     else:
         run_dir = runs.new_run_dir(cfg)
     data = build_data(cfg)
+    if "vocab" in data.meta:  # text: the encoder fitted on the train split, to encode new text
+        runs.write_json(run_dir / "vocab.json", data.meta["vocab"])
     trainer = Trainer(build_net(cfg, data), data, cfg, run_dir)
     if resume is not None:
         trainer.load_state_dict(state)
