@@ -366,6 +366,12 @@ def _place(root: Path, path: str | None, default: str) -> Path:
     return root / path if path is not None else root / default
 
 
+def _shuffled(raw: RawText, seed: int = 0) -> RawText:
+    """``raw`` in a fixed random order (a seeded permutation of its samples)."""
+    order = np.random.default_rng(seed).permutation(len(raw.texts))
+    return RawText([raw.texts[i] for i in order], [raw.labels[i] for i in order], raw.classes)
+
+
 # --- registered data sets ------------------------------------------------------------------
 
 
@@ -377,9 +383,12 @@ def imdb(root: Path, path: str | None = None, max_len: int | None = None,
 
     def read() -> tuple[RawText, RawText]:
         splits = read_imdb(source)
-        return splits["train"], splits["test"]
+        # files come sorted (all neg, then all pos): mix them so that the first N samples
+        # (data.train_subset / test_subset) hold both classes
+        return _shuffled(splits["train"]), _shuffled(splits["test"])
 
-    return load_text_splits("imdb", [source], read, max_len, vocab_size, min_freq, tokenizer)
+    return load_text_splits("imdb", [source], read, max_len, vocab_size, min_freq, tokenizer,
+                            {"order": "shuffled"})
 
 
 @register_dataset("sst2", "Stanford Sentiment Treebank, binary (GLUE SST-2 TSV folder)")
