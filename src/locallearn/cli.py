@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -52,7 +52,34 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(table(["stage", "test acc %"], [[k + 1, a] for k, a in enumerate(result["stage_acc"])]))
     print(f"final {fmt(result['final_acc'])} %  ensemble uniform {fmt(result['ens_uniform'])} %"
           f"  ensemble 2^k {fmt(result['ens_weighted'])} %  ({result['n']} test samples)")
+    if args.exit or args.exit_stage or args.threshold is not None:
+        _eval_exits(args, net, Trainer(net, data, cfg).test_batches)
     return 0
+
+
+def _eval_exits(args: argparse.Namespace, net: Any, test_batches: Callable[[], Any]) -> None:
+    """Forward shortcut, early exit at one threshold, or the whole accuracy-vs-MACs curve."""
+    from locallearn import exits
+
+    run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
+    thresholds = [args.threshold] if args.threshold is not None and not args.exit else exits.THRESHOLDS
+    if args.exit_stage:
+        exits.forward_shortcut(net, next(iter(test_batches()))[0][:1], args.exit_stage)  # checks
+    report = exits.early_exit_report(net, test_batches(), thresholds=thresholds, kind=args.confidence,
+                                     out_dir=run_dir if args.exit else None)
+    if args.exit_stage:
+        p = report["fixed"][[f["stage"] for f in report["fixed"]].index(args.exit_stage)]
+        print(f"forward shortcut at stage {args.exit_stage}: acc {fmt(p['acc'])} %, "
+              f"{100 * p['macs_fraction']:.1f} % of the MACs")
+    rows = [[f"{p['threshold']:g}", p["acc"], 100 * p["macs_fraction"],
+             " / ".join(f"{100 * s:.0f}" for s in p["exit_share"])] for p in report["curve"]]
+    if args.threshold is not None and not args.exit:
+        print(f"early exit ({args.confidence} confidence, threshold {args.threshold:g}): "
+              f"acc {fmt(rows[0][1])} %, {rows[0][2]:.1f} % of the MACs, "
+              f"exits per stage {rows[0][3]} %")
+    if args.exit:
+        print(table(["threshold", "acc %", "MACs %", "exits per stage %"], rows))
+        print(f"exit curve: {run_dir / 'exit_curve.png'} and exit_curve.json")
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
@@ -112,7 +139,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     summaries = []
     for engine, k in (("backprop", 4), ("local", 4)):
         print(f"== {engine}, K={k} ==", flush=True)
-        cfg = load_config(args.config, [f"engine={engine}", f"split.k={k}",
+        cfg = load_config(args.config, ["train.epochs=10", f"engine={engine}", f"split.k={k}",
                                         f"train.out_dir={args.out}", *args.overrides])
         summaries.append(run(cfg)[0])
     print(compare_table(summaries))
@@ -131,6 +158,13 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a run folder or checkpoint on its test split")
     e.add_argument("run", metavar="RUN_OR_CHECKPOINT")
     e.add_argument("--data-dir")
+    e.add_argument("--exit", action="store_true",
+                   help="early-exit curve over thresholds: table, exit_curve.png/.json in the run")
+    e.add_argument("--exit-stage", type=int, metavar="K",
+                   help="forward shortcut: answer with stage K's predictor")
+    e.add_argument("--threshold", type=float, help="early exit at this confidence threshold")
+    e.add_argument("--confidence", choices=("max", "entropy"), default="max",
+                   help="early-exit confidence: max softmax or 1 - normalised entropy")
     e.set_defaults(fn=_cmd_eval)
     s = sub.add_parser("split", help="print the stages of a model split into K")
     s.add_argument("--model", required=True)

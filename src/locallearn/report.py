@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Sequence
 
 
@@ -40,3 +42,20 @@ def compare_table(summaries: Sequence[dict[str, Any]]) -> str:
              s.get("samples_per_s"), mib(s.get("saved_bytes_peak")), mib(s.get("peak_rss"))]
             for s in summaries]
     return table(headers, rows)
+
+
+def write_results(folder: str | Path, name: str, headers: Sequence[str],
+                  rows: Sequence[Sequence[Any]], meta: dict[str, Any]) -> str:
+    """Save a benchmark's rows as ``name.json`` and a markdown table ``name.md``; return the table.
+
+    ``meta`` records what was measured and how (hardware, threads, settings, command).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    records = [dict(zip(headers, r)) for r in rows]
+    (folder / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": records}, indent=2,
+                                                    default=float))
+    notes = "\n".join(f"- {k}: {fmt(v) if not isinstance(v, str) else v}" for k, v in meta.items())
+    text = table(headers, rows) + "\n\n" + notes + "\n"
+    (folder / f"{name}.md").write_text(text)
+    return text
