@@ -73,7 +73,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    name: Literal["backprop", "local", "pipeline"] = "local"
+    name: Literal["backprop", "local", "pipeline", "multiexit"] = "local"  # multiexit: BP of all exits
     aux_heads: bool = True                # backprop: also train stage heads on detached features
     workers: int = 2                      # pipeline: processes on this machine
     threads: int = 0                      # torch threads per process (0 = cores // workers)
@@ -89,6 +89,9 @@ class TrainConfig:
     progress: bool = True                 # progress bar with per-stage losses
     checkpoint: bool = True               # save a checkpoint after every epoch
     eval_every: int = 1                   # evaluate every N epochs (and after the last)
+    accumulate: Literal["none", "grow", "shrink"] = "none"  # dynamic layer accumulation (DASCPL)
+    triggers: tuple = ()                  # K-1 epochs: grow: stage i+1 joins after triggers[i-1];
+                                          # shrink: stage i stops training after triggers[i-1]
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,10 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}={v} is not allowed: it must be at least 1")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr} is not allowed: it must be positive")
+    if cfg.train.accumulate != "none" or cfg.train.triggers:
+        from locallearn.accumulate import check_config  # lazy: it needs torch and the models
+
+        check_config(cfg)
     if cfg.objective.heads and len(cfg.objective.heads) != cfg.split.k:
         raise ConfigError(f"objective.heads lists {len(cfg.objective.heads)} heads but "
                           f"split.k={cfg.split.k}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from locallearn import runs
+from locallearn.accumulate import build_schedule, compute_fraction, stage_train_costs
 from locallearn.config import RunConfig, to_dict
 from locallearn.data import DataSplits, batches, load_data
 from locallearn.data.strong_augment import build_augment
@@ -102,6 +104,9 @@ class Trainer:
         self.augment = build_augment(cfg.data.augment)
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
+        self.schedule = build_schedule(cfg.train.accumulate, cfg.train.triggers, net.k,
+                                       cfg.train.epochs)
+        self._train_costs: list[tuple[int, int]] | None = None  # MACs per stage, for the log
 
     # -- data ------------------------------------------------------------------------
     def train_batches(self):
@@ -169,13 +174,33 @@ class Trainer:
                             runs.environment(str(self.device), torch.get_num_threads()))
         start = time.perf_counter()
         while self.epoch < cfg.train.epochs:
-            row = {"epoch": self.epoch + 1, **self.train_epoch()}
+            schedule_row = self.apply_schedule()
+            row = {"epoch": self.epoch + 1, **self.train_epoch(), **schedule_row}
             self.epoch += 1
             if self.epoch % cfg.train.eval_every == 0 or self.epoch == cfg.train.epochs:
                 row.update(evaluate(self.net, self.test_batches()))
             self.history.append(row)
             self.record(row)
         return self.summary(time.perf_counter() - start)
+
+    def apply_schedule(self) -> dict[str, Any]:
+        """Set ``engine.active`` for this epoch (dynamic layer accumulation); the log fields."""
+        if self.schedule is None:
+            return {}
+        if not hasattr(self.engine, "active"):
+            raise TrainingError(f"engine {self.engine.name} cannot follow train.accumulate; "
+                                "use engine=local or engine=pipeline")
+        # A stage that waits for its trigger steps its LR schedule without stepping its
+        # optimizer (the schedule follows the run, not the stage): not a mistake here.
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+        active = self.schedule.active(self.epoch)
+        self.engine.active = active
+        if self._train_costs is None:
+            x, y = next(iter(self.test_batches()))
+            self._train_costs = stage_train_costs(self.net, x[:32], y[:32])
+        return {"stages_trained": sorted(k + 1 for k in active),
+                "stages_run": self.schedule.depth(self.epoch),
+                "train_macs_fraction": compute_fraction(self._train_costs, active)}
 
     def record(self, row: dict[str, Any]) -> None:
         if self.run_dir is None:

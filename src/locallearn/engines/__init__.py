@@ -13,12 +13,14 @@ from typing import Any
 
 from locallearn.engines.backprop import BackpropEngine
 from locallearn.engines.base import Engine, detach, stage_loss
+from locallearn.engines.multiexit import MultiExitEngine
 from locallearn.engines.sequential import LocalEngine
 
 ENGINES = {
     "backprop": "end-to-end backpropagation with only the task loss (aux heads on detached features)",
     "local": "sequential local training: each stage updates from its own loss on a detached input",
     "pipeline": "stages in separate processes, activations sent forward with torch.distributed",
+    "multiexit": "early-exit network: BP of the sum of every stage's loss into the trunk",
 }
 
 
@@ -32,8 +34,11 @@ def build_engine(name: str, **options: Any) -> Engine:
         return BackpropEngine(aux_heads=options.get("aux_heads", True))
     if name == "local":
         return LocalEngine()
+    if name == "multiexit":
+        return MultiExitEngine(options.get("exit_weights"))
     raise ValueError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINES)}")
 
 
-__all__ = ["ENGINES", "BackpropEngine", "Engine", "LocalEngine", "build_engine", "detach",
+__all__ = ["ENGINES", "BackpropEngine", "Engine", "LocalEngine", "MultiExitEngine", "build_engine",
+           "detach",
            "stage_loss"]

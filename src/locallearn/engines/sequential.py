@@ -21,7 +21,8 @@ class LocalEngine:
     """Sequential gradient-isolated training of the stages (``engine: local``).
 
     Attribute ``active`` (a set of stage indices, or ``None`` for all) names the stages
-    that train this step (dynamic layer accumulation); the others only run forward.
+    that train this step (dynamic layer accumulation); inactive stages below the
+    deepest active one only run forward, the stages beyond it do not run.
     """
 
     name = "local"
@@ -31,23 +32,24 @@ class LocalEngine:
 
     def step(self, net: LocalNet, optimizers: Sequence[torch.optim.Optimizer],
              x: Activation, y: torch.Tensor) -> list[float]:
-        losses = []
+        losses = [float("nan")] * net.k
+        depth = net.k if self.active is None else max(self.active, default=-1) + 1
         h = x
         trail: list[Activation] = []  # detached input and boundary outputs, for context supply
-        for k, (stage, opt) in enumerate(zip(net.stages, optimizers)):
+        # Stages beyond the deepest active one feed no loss: they do not run (the net grows).
+        for k, (stage, opt) in enumerate(zip(net.stages[:depth], optimizers)):
             h = detach(h)
             if net.needs_trail:
                 trail.append(h)
             if self.active is not None and k not in self.active:
                 with torch.no_grad():
                     h = stage(h, trail)
-                losses.append(float("nan"))
                 continue
             out = stage(h, trail)
             loss = stage_loss(stage, out, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(loss.item())
+            losses[k] = loss.item()
             h = out
         return losses
