@@ -156,3 +156,33 @@ def test_backprop_with_predictors_keeps_the_trunk_gradients_of_plain_backprop():
             torch.testing.assert_close(pa, pb)
     assert not torch.equal(a.stages[0].predictor.head[-1].weight,
                            b.stages[0].predictor.head[-1].weight)
+
+
+def test_scpl_on_a_text_model_pools_over_real_tokens():
+    torch.manual_seed(0)
+    backbone = build_model("lstm", (6,), 2, vocab_size=20, embed_dim=8, hidden=8, layers=2)
+    net = LocalNet.from_backbone(backbone, 3, objective="supcon", predictor="linear",
+                                 objective_options={"proj_dim": 4, "proj_hidden": 8})
+    ids = torch.randint(1, 20, (8, 6))
+    ids[:4, 4:] = 0  # padding
+    opts = [build_optimizer(s.parameters(), "adam", 1e-3) for s in net.stages]
+    losses = LocalEngine().step(net, opts, ids, torch.tensor([0, 1] * 4))
+    assert all(math.isfinite(v) for v in losses)
+    assert all(lg.shape == (8, 2) for lg in net.stage_logits(ids))
+
+
+@pytest.mark.parametrize("name", ["scpl_vgg8", "scpl_resnet18", "dascpl_vgg8", "dascpl_resnet18"])
+def test_presets_build_the_scpl_stages(name):
+    from pathlib import Path
+
+    from locallearn.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    assert cfg.optim.name == "adam" and cfg.optim.lr == 1e-3 and cfg.optim.min_lr == 1e-5
+    o = cfg.objective
+    backbone = build_model(cfg.model.name, (3, 16, 16), 10, width=0.0625)
+    net = LocalNet.from_backbone(backbone, cfg.split.k, by=cfg.split.by, cuts=list(cfg.split.cuts),
+                                 objective=o.name, predictor=o.predictor or None,
+                                 objective_options=dict(o.options))
+    can = [lg is not None for lg in net.stage_logits(torch.randn(2, 3, 16, 16))]
+    assert can == ([True] * 4 if name.startswith("dascpl") else [False, False, False, True])
