@@ -84,14 +84,18 @@ def _eval_exits(args: argparse.Namespace, net: Any, test_batches: Callable[[], A
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
+    from locallearn.context import find_cuts_with_context
     from locallearn.measure import SavedTensorsMeter, macs, param_count
     from locallearn.models import build_model
-    from locallearn.split import find_cuts, stage_ranges
+    from locallearn.split import stage_ranges
 
     shape = tuple(int(s) for s in args.input_shape.split(","))
-    backbone = build_model(args.model, shape, args.classes)
-    cuts = find_cuts(backbone, args.k, args.by, [int(c) for c in args.cuts.split(",")] if args.cuts else None,
-                     batch=args.batch)
+    backbone = build_model(args.model, shape, args.classes,
+                           **({"width": args.width} if args.width else {}))
+    cuts = find_cuts_with_context(backbone, args.k, args.by,
+                                  [int(c) for c in args.cuts.split(",")] if args.cuts else None,
+                                  args.batch, args.context)
+    nodes = _split_nodes(args, backbone, cuts)  # regroups the backbone's convs when --groups > 1
     rows = []
     for i, r in enumerate(stage_ranges(cuts, len(backbone))):
         body = torch.nn.Sequential(*backbone.blocks[r.start:r.stop])
@@ -102,7 +106,25 @@ def _cmd_split(args: argparse.Namespace) -> int:
                      macs(lambda: body(x)) / args.batch / 1e6, "x".join(map(str, backbone.shapes[r.stop]))])
     print(f"{args.model}, K={args.k}, split by {args.by}, cuts {cuts}, batch {args.batch}")
     print(table(["stage", "blocks", "params", "saved act MiB", "MMACs/sample", "output"], rows))
+    print(f"\nnodes (stage, group) incl. head {args.head!r}, context {args.context}, "
+          f"groups {args.groups}:")
+    print(table(["stage", "group", "body MMACs", "head MMACs", "node MMACs"],
+                [[r["stage"], r["group"], r["body_macs"] / 1e6, r["head_macs"] / 1e6,
+                  r["macs"] / 1e6] for r in nodes["nodes"]]))
+    print(f"largest node {tuple(nodes['largest_node'])}: {nodes['largest_node_macs'] / 1e6:.2f} "
+          f"MMACs/sample; total {nodes['total_macs'] / 1e6:.2f} MMACs/sample")
     return 0
+
+
+def _split_nodes(args: argparse.Namespace, backbone, cuts: list[int]) -> dict:
+    """Per-(stage, group) MACs of the split, with heads, groups and context as asked."""
+    from locallearn.groups import node_costs
+    from locallearn.network import LocalNet
+
+    net = LocalNet.from_backbone(backbone, args.k, by="cuts", cuts=cuts, head=args.head,
+                                 groups=args.groups, context=args.context,
+                                 group_options={"detach_ratio": args.detach_ratio})
+    return node_costs(net, torch.randn(2, *backbone.shapes[0]))
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -175,6 +197,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--input-shape", default="3,32,32")
     s.add_argument("--classes", type=int, default=10)
     s.add_argument("--batch", type=int, default=32)
+    s.add_argument("--width", type=float, default=0.0, help="model width multiplier (0: default)")
+    s.add_argument("--groups", type=int, default=1, help="width groups per stage (GN-DGL)")
+    s.add_argument("--head", default="mlp", help="auxiliary head kind of every node")
+    s.add_argument("--detach-ratio", type=float, default=0.0,
+                   help="fraction of other groups' channels a group head sees (detached)")
+    s.add_argument("--context", default="none", help="context supply: none, E, R1..Rn, RnE")
     s.set_defaults(fn=_cmd_split)
     sub.add_parser("list", help="list models, objectives, engines, data sets").set_defaults(fn=_cmd_list)
     c = sub.add_parser("compare", help="table of finished runs side by side")

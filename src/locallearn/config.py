@@ -10,6 +10,7 @@ value raises :class:`ConfigError` naming the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ class SplitConfig:
     k: int = 4                            # number of stages
     by: Literal["count", "params", "macs", "memory", "time", "cuts"] = "count"
     cuts: tuple = ()                      # explicit cut indices (with by=cuts)
+    groups: int = 1                       # width groups per stage (neuron groups, GN-DGL)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,16 @@ class ObjectiveConfig:
     last_head: str = ""                   # task classifier head ("" = the model's own)
     predictor: str = ""                   # per-stage predictor head trained on detached output
     options: dict = field(default_factory=dict)  # objective options (e.g. hidden sizes)
+    detach_ratio: float = 0.0             # groups: fraction of other groups' channels a head
+                                          # sees, detached (0 = own channels only)
+    diversity_weight: float = 0.0         # groups: weight of the diversity penalty (paper: 0.5)
+    diversity_temperature: float = 3.0    # groups: its softmax temperature T
+    reconstruct: tuple = ()               # reconstruction weight: [w], [first, last] or K-1 values
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    name: str = "none"                    # context supply: none, E, R1..Rn, RnE (e.g. R1E)
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -165,7 +178,8 @@ def from_dict(data: dict | None) -> RunConfig:
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks that a single type cannot express."""
     positive = {"split.k": cfg.split.k, "data.batch_size": cfg.data.batch_size,
-                "train.epochs": cfg.train.epochs, "engine.workers": cfg.engine.workers}
+                "train.epochs": cfg.train.epochs, "engine.workers": cfg.engine.workers,
+                "split.groups": cfg.split.groups}
     for key, v in positive.items():
         if v < 1:
             raise ConfigError(f"{key}={v} is not allowed: it must be at least 1")
@@ -175,9 +189,25 @@ def validate(cfg: RunConfig) -> None:
         from locallearn.accumulate import check_config  # lazy: it needs torch and the models
 
         check_config(cfg)
+    _validate_groups_context(cfg)
     if cfg.objective.heads and len(cfg.objective.heads) != cfg.split.k:
         raise ConfigError(f"objective.heads lists {len(cfg.objective.heads)} heads but "
                           f"split.k={cfg.split.k}")
+
+
+def _validate_groups_context(cfg: RunConfig) -> None:
+    o = cfg.objective
+    if not 0.0 <= o.detach_ratio <= 1.0:
+        raise ConfigError(f"objective.detach_ratio={o.detach_ratio} is not allowed: it must be in [0, 1]")
+    if o.diversity_weight < 0 or o.diversity_temperature <= 0:
+        raise ConfigError("objective.diversity_weight must be >= 0 and "
+                          "objective.diversity_temperature > 0")
+    if o.reconstruct and len(o.reconstruct) not in (1, 2, cfg.split.k - 1):
+        raise ConfigError(f"objective.reconstruct lists {len(o.reconstruct)} weights; give 1, 2 "
+                          f"(first, last) or split.k-1={cfg.split.k - 1}")
+    if not re.fullmatch(r"none|E|R[1-9][0-9]*E?", str(cfg.context.name)):
+        raise ConfigError(f"context.name={cfg.context.name!r} is not allowed; choose one of: "
+                          f"none, E, R1 .. Rn, R1E .. RnE")
 
 
 def to_dict(cfg: RunConfig) -> dict:

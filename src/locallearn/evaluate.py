@@ -10,6 +10,7 @@ from typing import Any, Iterable
 
 import torch
 
+from locallearn.groups import GroupAccuracy
 from locallearn.models.blocks import Activation
 from locallearn.network import LocalNet
 
@@ -20,7 +21,9 @@ def evaluate(net: LocalNet, batches: Iterable[tuple[Activation, torch.Tensor]]) 
 
     Returns:
         ``{"stage_acc": [...], "final_acc", "ens_uniform", "ens_weighted", "n"}``;
-        a stage that cannot predict has accuracy ``None``.
+        a stage that cannot predict has accuracy ``None``. Nets with width groups also
+        get ``"group_acc"``: per stage, the accuracy of every group head (``None`` for
+        stages without groups).
     """
     was = net.training
     net.eval()
@@ -28,8 +31,12 @@ def evaluate(net: LocalNet, batches: Iterable[tuple[Activation, torch.Tensor]]) 
     can_predict = [True] * net.k
     ens = {"ens_uniform": 0, "ens_weighted": 0}
     n = 0
+    groups = GroupAccuracy(net)
     for x, y in batches:
-        logits = net.stage_logits(x)
+        outputs: list[Activation] = []
+        logits = net.stage_logits(x, outputs=outputs)
+        if groups.any:
+            groups.update(outputs, y)
         probs = []
         for k, lg in enumerate(logits):
             if lg is None:
@@ -44,5 +51,8 @@ def evaluate(net: LocalNet, batches: Iterable[tuple[Activation, torch.Tensor]]) 
         n += len(y)
     net.train(was)
     acc = [100.0 * c.item() / max(n, 1) if ok else None for c, ok in zip(correct, can_predict)]
-    return {"stage_acc": acc, "final_acc": acc[-1], "n": n,
-            **{k: 100.0 * v / max(n, 1) for k, v in ens.items()}}
+    result = {"stage_acc": acc, "final_acc": acc[-1], "n": n,
+              **{k: 100.0 * v / max(n, 1) for k, v in ens.items()}}
+    if groups.any:
+        result["group_acc"] = groups.result()
+    return result

@@ -14,9 +14,13 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from locallearn.context import build_context, find_cuts_with_context
+from locallearn.groups import group_body
 from locallearn.models.blocks import Activation, Backbone, infer_shapes
 from locallearn.objectives.base import Objective, build_objective
-from locallearn.split import find_cuts, stage_ranges
+from locallearn.objectives.groups import build_group_objective
+from locallearn.objectives.reconstruct import ReconstructObjective, reconstruct_weights
+from locallearn.split import stage_ranges
 
 
 class Stage(nn.Module):
@@ -73,6 +77,11 @@ class LocalNet(nn.Module):
         """True if some stage takes context from the input or earlier boundaries."""
         return any(s.context is not None for s in self.stages)
 
+    def needs(self, k: int) -> list[int]:
+        """Trail indices stage ``k`` reads besides its input (what a pipeline must send it)."""
+        ctx = self.stages[k].context
+        return list(ctx.needs()) if ctx is not None and hasattr(ctx, "needs") else []
+
     def forward(self, x: Activation) -> torch.Tensor:
         trail: list[Activation] = []
         for stage in self.stages:
@@ -82,13 +91,19 @@ class LocalNet(nn.Module):
         assert logits is not None, "the last stage's objective must be able to predict"
         return logits
 
-    def stage_logits(self, x: Activation, upto: int | None = None) -> list[torch.Tensor | None]:
-        """Logits of every stage (``None`` where a stage cannot predict), up to stage ``upto``."""
+    def stage_logits(self, x: Activation, upto: int | None = None,
+                     outputs: list[Activation] | None = None) -> list[torch.Tensor | None]:
+        """Logits of every stage (``None`` where a stage cannot predict), up to stage ``upto``.
+
+        If ``outputs`` is a list, every stage's body output is appended to it.
+        """
         out = []
         trail: list[Activation] = []
         for stage in list(self.stages)[: upto]:
             trail.append(x)
             x = stage(x, trail)
+            if outputs is not None:
+                outputs.append(x)
             out.append(stage.predict(x))
         return out
 
@@ -97,7 +112,9 @@ class LocalNet(nn.Module):
                       cuts: Sequence[int] | None = None, objective: str = "ce",
                       head: str | Sequence[str] = "mlp", last_head: str | None = None,
                       predictor: str | None = None, objective_options: dict[str, Any] | None = None,
-                      split_batch: int = 32) -> "LocalNet":
+                      split_batch: int = 32, groups: int = 1,
+                      group_options: dict[str, Any] | None = None, context: str = "none",
+                      reconstruct: Sequence[float] = ()) -> "LocalNet":
         """Split ``backbone`` into ``k`` stages and give each its local objective.
 
         Args:
@@ -113,8 +130,16 @@ class LocalNet(nn.Module):
                 detached stage output (``None``: no predictors).
             objective_options: extra options for the objective builder.
             split_batch: batch size of the sample used by measured splits.
+            groups: width groups per stage (:mod:`locallearn.groups`); 1 = none.
+            group_options: ``detach_ratio``, ``diversity_weight``, ``temperature`` of the
+                grouped objectives (:mod:`locallearn.objectives.groups`).
+            context: context-supply mode (:mod:`locallearn.context`), e.g. ``R1E``.
+            reconstruct: reconstruction weights (:func:`reconstruct_weights`).
         """
-        ranges = stage_ranges(find_cuts(backbone, k, by, list(cuts or []), split_batch), len(backbone))
+        cuts = find_cuts_with_context(backbone, k, by, list(cuts or []), split_batch, context)
+        ranges = stage_ranges(cuts, len(backbone))
+        trail_shapes = [backbone.shapes[r.start] for r in ranges]
+        recon = reconstruct_weights(reconstruct, k)
         heads = [head] * k if isinstance(head, str) else list(head)
         if len(heads) != k:
             raise ValueError(f"objective.heads lists {len(heads)} heads for {k} stages")
@@ -125,14 +150,23 @@ class LocalNet(nn.Module):
             opts = dict(objective_options or {})
             if i == k - 1:
                 opts.update(backbone.head_options)
-            obj = build_objective(objective, out_shape, backbone.num_classes, head=h,
-                                  last=i == k - 1, **opts)
+            body = nn.Sequential(*backbone.blocks[r.start:r.stop])
+            group_body(body, groups, i, r.start)
+            if groups > 1:
+                obj = build_group_objective(objective, out_shape, backbone.num_classes, groups,
+                                            head=h, last=i == k - 1, **opts,
+                                            **(group_options or {}))
+            else:
+                obj = build_objective(objective, out_shape, backbone.num_classes, head=h,
+                                      last=i == k - 1, **opts)
+            if recon[i]:
+                obj = ReconstructObjective(obj, out_shape, backbone.shapes[0], recon[i])
+            ctx = build_context(context, i, trail_shapes, taps=[obj] if recon[i] else [])
             pred = None
             if predictor:
                 pred = build_objective("ce", out_shape, backbone.num_classes, head=predictor,
                                        **(backbone.head_options if i == k - 1 else {}))
-            stages.append(Stage(nn.Sequential(*backbone.blocks[r.start:r.stop]), obj, pred,
-                                backbone.shapes[r.start], out_shape))
+            stages.append(Stage(body, obj, pred, backbone.shapes[r.start], out_shape, ctx))
         return cls(stages, backbone.num_classes)
 
     @classmethod

@@ -24,6 +24,7 @@ from locallearn.data import DataSplits, batches, load_data
 from locallearn.data.strong_augment import build_augment
 from locallearn.engines import Engine, build_engine
 from locallearn.evaluate import evaluate
+from locallearn.groups import node_costs
 from locallearn.measure import SavedTensorsMeter, Timer, cuda_peak_bytes, macs, param_count, peak_rss_bytes
 from locallearn.models.blocks import build_model
 from locallearn.network import LocalNet
@@ -55,7 +56,10 @@ def build_net(cfg: RunConfig, data: DataSplits) -> LocalNet:
         backbone, cfg.split.k, by=cfg.split.by, cuts=list(cfg.split.cuts),
         objective=o.name, head=list(o.heads) if o.heads else o.head,
         last_head=o.last_head or None, predictor=o.predictor or None,
-        objective_options=dict(o.options))
+        objective_options=dict(o.options), groups=cfg.split.groups,
+        group_options={"detach_ratio": o.detach_ratio, "diversity_weight": o.diversity_weight,
+                       "temperature": o.diversity_temperature},
+        context=cfg.context.name, reconstruct=list(o.reconstruct))
 
 
 def stage_costs(net: LocalNet, sample: Any) -> list[dict[str, int]]:
@@ -228,6 +232,7 @@ class Trainer:
             "saved_bytes_peak": max((r["saved_bytes_peak"] for r in self.history), default=None),
             "peak_rss": peak_rss_bytes(), "stages": stage_costs(self.net, x),
             "threads": torch.get_num_threads(),
+            "group_acc": last.get("group_acc"), **node_costs(self.net, x),
         }
         if self.run_dir is not None:
             runs.write_json(self.run_dir / "summary.json", out)

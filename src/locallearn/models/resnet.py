@@ -35,16 +35,26 @@ SHORTCUTS = ("A", "B")
 
 
 class PadShortcut(nn.Module):
-    """Option-A shortcut: take every ``stride``-th pixel and zero-pad the new channels."""
+    """Option-A shortcut: take every ``stride``-th pixel and zero-pad the new channels.
 
-    def __init__(self, extra_channels: int, stride: int) -> None:
+    With ``groups`` > 1 (width groups, :mod:`locallearn.groups`) every group of channels
+    is padded on its own, so output group g holds only input group g's channels.
+    """
+
+    def __init__(self, extra_channels: int, stride: int, groups: int = 1) -> None:
         super().__init__()
         self.extra_channels = extra_channels
         self.stride = stride
+        self.groups = groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x[:, :, ::self.stride, ::self.stride]
-        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
+        if self.groups == 1:
+            return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
+        n, c, h, w = x.shape
+        x = x.reshape(n, self.groups, c // self.groups, h, w)
+        x = F.pad(x, (0, 0, 0, 0, 0, self.extra_channels // self.groups))
+        return x.reshape(n, -1, h, w)
 
 
 class BasicBlock(nn.Module):
