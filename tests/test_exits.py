@@ -155,3 +155,17 @@ def test_multiexit_differs_from_backprop_with_detached_aux_heads():
     assert not torch.allclose(a.stages[0].body[0][1].weight, b.stages[0].body[0][1].weight)
     with pytest.raises(ValueError, match="2 exit weights for 3 stages"):
         MultiExitEngine([1.0, 1.0]).step(a, [], x, y)
+
+
+def test_inference_helpers_do_not_touch_batchnorm_statistics():
+    torch.manual_seed(0)
+    net = LocalNet.from_backbone(build_model("mlp", (1, 4, 4), 3, hidden=[8, 8], batch_norm=True),
+                                 2, head="linear", predictor="linear").train()
+    before = copy.deepcopy(net.state_dict())
+    x, y = _data(8)
+    forward_shortcut(net, x[:1], 1)
+    early_exit_predict(net, x, 0.5)
+    early_exit_report(net, [(x, y)], thresholds=(0.5,))
+    assert net.training
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, before[k])

@@ -23,7 +23,8 @@ classifier, so an early-exit pass that never exits costs a little more than 1.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -85,11 +86,25 @@ def _batch_size(h: Activation) -> int:
     return int((h[0] if isinstance(h, tuple) else h).shape[0])
 
 
+@contextmanager
+def _eval_mode(net: LocalNet) -> Iterator[None]:
+    """Inference mode for the block (BatchNorm must not learn from test batches), then back."""
+    was = net.training
+    net.eval()
+    try:
+        yield
+    finally:
+        net.train(was)
+
+
 @torch.no_grad()
 def measure_exit_costs(net: LocalNet, sample: Activation) -> ExitCosts:
     """Measure per-sample MACs of each stage's body and predictor on ``sample`` (eval mode)."""
-    was = net.training
-    net.eval()
+    with _eval_mode(net):
+        return _measure(net, sample)
+
+
+def _measure(net: LocalNet, sample: Activation) -> ExitCosts:
     n = _batch_size(sample)
     body, head = [], []
     trail: list[Activation] = []
@@ -102,7 +117,6 @@ def measure_exit_costs(net: LocalNet, sample: Activation) -> ExitCosts:
         out = h
         can = stage.predict(out) is not None
         head.append(macs(lambda: stage.predict(out)) // n if can else None)  # noqa: B023
-    net.train(was)
     return ExitCosts(tuple(body), tuple(head))
 
 
@@ -114,7 +128,8 @@ def forward_shortcut(net: LocalNet, x: Activation, stage: int) -> torch.Tensor:
         ValueError: for a stage out of range or one that cannot predict.
     """
     _check_stage(net, stage)
-    logits = net.stage_logits(x, upto=stage)[-1]
+    with _eval_mode(net):
+        logits = net.stage_logits(x, upto=stage)[-1]
     if logits is None:
         raise ValueError(f"stage {stage} has no predictor; train with objective.predictor=linear "
                          "(or mlp) to give every stage one")
@@ -134,6 +149,12 @@ def early_exit_predict(net: LocalNet, x: Activation, threshold: float,
     Returns:
         ``(logits, stage)``: the answering logits (N, C) and the 1-based exit stage (N,).
     """
+    with _eval_mode(net):
+        return _early_exit(net, x, threshold, kind)
+
+
+def _early_exit(net: LocalNet, x: Activation, threshold: float,
+                kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     n = _batch_size(x)
     result: torch.Tensor | None = None
     where = torch.full((n,), net.k, dtype=torch.long)
@@ -166,8 +187,12 @@ def early_exit_predict(net: LocalNet, x: Activation, threshold: float,
 def collect_stage_logits(net: LocalNet, batches: Iterable[tuple[Activation, torch.Tensor]]
                          ) -> tuple[list[torch.Tensor | None], torch.Tensor]:
     """Every stage's logits (``None`` where a stage cannot predict) and the labels of a data set."""
-    was = net.training
-    net.eval()
+    with _eval_mode(net):
+        return _collect(net, batches)
+
+
+def _collect(net: LocalNet, batches: Iterable[tuple[Activation, torch.Tensor]]
+             ) -> tuple[list[torch.Tensor | None], torch.Tensor]:
     per_stage: list[list[torch.Tensor] | None] = [[] for _ in range(net.k)]
     labels = []
     for x, y in batches:
@@ -177,7 +202,6 @@ def collect_stage_logits(net: LocalNet, batches: Iterable[tuple[Activation, torc
             else:
                 per_stage[k].append(lg.float().cpu())
         labels.append(y.cpu())
-    net.train(was)
     return [torch.cat(p) if p else None for p in per_stage], torch.cat(labels)
 
 
