@@ -289,6 +289,33 @@ def test_pipeline_equals_sequential_for_a_text_model() -> None:
             torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_pipeline_processes_equal_local_on_text(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """``engine=pipeline`` with two worker processes trains the same SCPL text net as
+    ``engine=local`` (about 40 s: it spawns processes)."""
+    from locallearn import runs
+    from locallearn.config import load_config
+    from locallearn.train import run
+
+    monkeypatch.setenv("LOCALLEARN_CACHE_DIR", str(tmp_path / "cache"))
+    _write_tiny_corpus(tmp_path)
+    nets = {}
+    for engine in ("local", "pipeline"):
+        cfg = load_config(None, [
+            "data=textfolder", f"data.data_dir={tmp_path}",
+            "data.options={path: tiny, max_len: 10}", "data.batch_size=16", "model=lstm",
+            "model.options={embed_dim: 8, hidden: 8, layers: 3}", "split.k=4",
+            f"engine={engine}", "engine.workers=2", "engine.threads=1", "objective=supcon",
+            "objective.predictor=linear", "objective.options={proj_dim: 4, proj_hidden: 8}",
+            "optim.name=adam", "optim.lr=0.01", "train.epochs=2", "train.progress=false",
+            f"train.out_dir={tmp_path / 'runs'}", f"train.name={engine}"])
+        summary, run_dir = run(cfg)
+        nets[engine] = runs.load_checkpoint(run_dir)["net"]
+    for name, value in nets["local"].items():
+        torch.testing.assert_close(nets["pipeline"][name], value, rtol=1e-5, atol=1e-6)
+
+
 # --- the CLI path ----------------------------------------------------------------------
 
 
