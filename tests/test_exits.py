@@ -169,3 +169,14 @@ def test_inference_helpers_do_not_touch_batchnorm_statistics():
     assert net.training
     for k, v in net.state_dict().items():
         torch.testing.assert_close(v, before[k])
+
+
+def test_multiexit_with_only_the_last_exit_weighted_is_plain_backprop():
+    a, x, y = _net(predictor=None).train(), *_data(16)
+    b = copy.deepcopy(a)
+    for net, engine in ((a, MultiExitEngine([0.0, 0.0, 1.0])), (b, build_engine("backprop",
+                                                                                aux_heads=False))):
+        opts = [build_optimizer(s.parameters(), "sgd", 0.1, momentum=0.0) for s in net.stages]
+        engine.step(net, opts, x, y)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -38,7 +39,7 @@ from locallearn.config import ConfigError, RunConfig
 from locallearn.engines.base import stage_loss
 from locallearn.measure import macs
 from locallearn.models.blocks import Activation
-from locallearn.network import LocalNet
+from locallearn.network import LocalNet, Stage
 
 ACCUMULATE = ("none", "grow", "shrink")
 SCHEDULED_ENGINES = ("local", "pipeline")  # engines that read `active`
@@ -122,7 +123,7 @@ def stage_train_costs(net: LocalNet, x: Activation, y: torch.Tensor) -> list[tup
     rows = []
     trail: list[Activation] = []
     h = x
-    for stage in net.stages:
+    for stage in cast(list[Stage], list(net.stages)):
         trail.append(h)
         inp = h
         body = macs(lambda: stage(inp, trail)) // n  # noqa: B023 (called right here)

@@ -27,13 +27,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from locallearn.measure import macs
 from locallearn.models.blocks import Activation
-from locallearn.network import LocalNet
+from locallearn.network import LocalNet, Stage
 
 CONFIDENCES = ("max", "entropy")
 THRESHOLDS = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
@@ -82,6 +82,10 @@ def _take(h: Activation, idx: torch.Tensor) -> Activation:
     return h[idx]
 
 
+def _stages(net: LocalNet) -> list[Stage]:
+    return cast(list[Stage], list(net.stages))
+
+
 def _batch_size(h: Activation) -> int:
     return int((h[0] if isinstance(h, tuple) else h).shape[0])
 
@@ -109,7 +113,7 @@ def _measure(net: LocalNet, sample: Activation) -> ExitCosts:
     body, head = [], []
     trail: list[Activation] = []
     h = sample
-    for stage in net.stages:
+    for stage in _stages(net):
         trail.append(h)
         inp = h
         body.append(macs(lambda: stage(inp, trail)) // n)  # noqa: B023 (called right here)
@@ -160,7 +164,7 @@ def _early_exit(net: LocalNet, x: Activation, threshold: float,
     where = torch.full((n,), net.k, dtype=torch.long)
     alive = torch.arange(n)
     h, trail = x, []
-    for k, stage in enumerate(net.stages):
+    for k, stage in enumerate(_stages(net)):
         trail.append(h)
         h = stage(h, trail)
         logits = stage.predict(h)
@@ -193,24 +197,27 @@ def collect_stage_logits(net: LocalNet, batches: Iterable[tuple[Activation, torc
 
 def _collect(net: LocalNet, batches: Iterable[tuple[Activation, torch.Tensor]]
              ) -> tuple[list[torch.Tensor | None], torch.Tensor]:
-    per_stage: list[list[torch.Tensor] | None] = [[] for _ in range(net.k)]
+    per_stage: list[list[torch.Tensor]] = [[] for _ in range(net.k)]
+    silent: set[int] = set()  # stages that cannot predict
     labels = []
     for x, y in batches:
         for k, lg in enumerate(net.stage_logits(x)):
-            if lg is None or per_stage[k] is None:
-                per_stage[k] = None
+            if lg is None:
+                silent.add(k)
             else:
                 per_stage[k].append(lg.float().cpu())
         labels.append(y.cpu())
-    return [torch.cat(p) if p else None for p in per_stage], torch.cat(labels)
+    return ([None if k in silent or not p else torch.cat(p) for k, p in enumerate(per_stage)],
+            torch.cat(labels))
 
 
 def fixed_exit(logits: Sequence[torch.Tensor | None], y: torch.Tensor, costs: ExitCosts,
                stage: int) -> dict[str, Any]:
     """Accuracy (%) and MACs fraction of answering with stage ``stage`` (1-based) for every sample."""
-    if logits[stage - 1] is None:
+    lg = logits[stage - 1]
+    if lg is None:
         raise ValueError(f"stage {stage} has no predictor; train with objective.predictor=linear")
-    acc = 100.0 * (logits[stage - 1].argmax(1) == y).float().mean().item()
+    acc = 100.0 * (lg.argmax(1) == y).float().mean().item()
     return {"stage": stage, "acc": acc, "macs_fraction": costs.shortcut(stage - 1) / costs.full}
 
 

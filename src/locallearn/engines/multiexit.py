@@ -13,12 +13,13 @@ Per-stage predictors, if any, still train on detached outputs (see
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 
 from locallearn.engines.base import stage_loss
 from locallearn.models.blocks import Activation
-from locallearn.network import LocalNet
+from locallearn.network import LocalNet, Stage
 
 
 class MultiExitEngine:
@@ -40,17 +41,14 @@ class MultiExitEngine:
             raise ValueError(f"multiexit engine has {len(weights)} exit weights for {net.k} stages")
         trail: list[Activation] = []
         h = x
-        total: torch.Tensor | float = 0.0
         losses = []
-        for stage, w in zip(net.stages, weights):
+        for stage in cast(list[Stage], list(net.stages)):
             trail.append(h)
             h = stage(h, trail)  # no detach: every exit's gradient flows into the trunk below
-            loss = stage_loss(stage, h, y)
-            losses.append(loss.item())
-            total = total + w * loss
+            losses.append(stage_loss(stage, h, y))
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        total.backward()
+        sum((w * loss for w, loss in zip(weights, losses)), torch.zeros((), device=y.device)).backward()
         for opt in optimizers:
             opt.step()
-        return losses
+        return [loss.item() for loss in losses]
