@@ -1,6 +1,6 @@
 """The command line: a thin layer over the Python API.
 
-Subcommands: ``train``, ``eval``, ``split``, ``list``, ``compare`` and ``demo`` (the
+Subcommands: ``train``, ``eval``, ``probe``, ``split``, ``list``, ``compare`` and ``demo`` (the
 main job: BP beside local K=4 on the embedded data set). User errors print one line
 naming the problem and exit with status 2, without a traceback.
 """
@@ -81,6 +81,19 @@ def _eval_exits(args: argparse.Namespace, net: Any, test_batches: Callable[[], A
     if args.exit:
         print(table(["threshold", "acc %", "MACs %", "exits per stage %"], rows))
         print(f"exit curve: {run_dir / 'exit_curve.png'} and exit_curve.json")
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from locallearn.probe import probe_run
+
+    result = probe_run(args.run, data_dir=args.data_dir, train_subset=args.train_subset,
+                       test_subset=args.test_subset, grid=args.grid, weight_decay=args.weight_decay)
+    print(table(["stage", "probe acc %", "effective rank", "feature dim"],
+                [[k + 1, a, r, d] for k, (a, r, d) in enumerate(zip(
+                    result["probe_acc"], result["effective_rank"], result["feature_dim"]))]))
+    print(f"linear probes on {result['n_train']} train / {result['n_test']} test samples; "
+          f"probe.json and probe.png in the run folder")
+    return 0
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
@@ -189,6 +202,15 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--confidence", choices=("max", "entropy"), default="max",
                    help="early-exit confidence: max softmax or 1 - normalised entropy")
     e.set_defaults(fn=_cmd_eval)
+    pr = sub.add_parser("probe", help="linear probe and effective rank of every stage's frozen "
+                                      "features (probe.json, probe.png)")
+    pr.add_argument("run", metavar="RUN_OR_CHECKPOINT")
+    pr.add_argument("--data-dir")
+    pr.add_argument("--train-subset", type=int, help="train samples to fit on (default: the run's)")
+    pr.add_argument("--test-subset", type=int, help="test samples to score (default: the run's)")
+    pr.add_argument("--grid", type=int, default=2, help="conv features pooled to GRID x GRID")
+    pr.add_argument("--weight-decay", type=float, default=1e-4, help="L2 penalty of the probe")
+    pr.set_defaults(fn=_cmd_probe)
     s = sub.add_parser("split", help="print the stages of a model split into K")
     s.add_argument("--model", required=True)
     s.add_argument("--k", type=int, default=4)

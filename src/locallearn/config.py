@@ -62,6 +62,8 @@ class ObjectiveConfig:
     diversity_weight: float = 0.0         # groups: weight of the diversity penalty (paper: 0.5)
     diversity_temperature: float = 3.0    # groups: its softmax temperature T
     reconstruct: tuple = ()               # reconstruction weight: [w], [first, last] or K-1 values
+    difficulty: dict = field(default_factory=dict)  # per-stage objective options that grow
+                                          # harder with depth (locallearn.difficulty)
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,10 @@ def validate(cfg: RunConfig) -> None:
 
         check_config(cfg)
     _validate_groups_context(cfg)
+    if cfg.objective.difficulty:
+        from locallearn.difficulty import check_config as check_difficulty
+
+        check_difficulty(cfg)
     if cfg.objective.heads and len(cfg.objective.heads) != cfg.split.k:
         raise ConfigError(f"objective.heads lists {len(cfg.objective.heads)} heads but "
                           f"split.k={cfg.split.k}")

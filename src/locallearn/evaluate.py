@@ -45,6 +45,8 @@ def evaluate(net: LocalNet, batches: Iterable[tuple[Activation, torch.Tensor]]) 
             correct[k] += (lg.argmax(1) == y).sum().item()
             probs.append((k, lg.softmax(1)))
         for key, weight in (("ens_uniform", lambda k: 1.0), ("ens_weighted", lambda k: 2.0 ** k)):
+            if not probs:  # no stage can predict (a self-supervised net): no ensemble
+                break
             total = sum(weight(k) for k, _ in probs)
             avg = sum(weight(k) * p for k, p in probs) / total
             ens[key] += (avg.argmax(1) == y).sum().item()
@@ -52,7 +54,7 @@ def evaluate(net: LocalNet, batches: Iterable[tuple[Activation, torch.Tensor]]) 
     net.train(was)
     acc = [100.0 * c.item() / max(n, 1) if ok else None for c, ok in zip(correct, can_predict)]
     result = {"stage_acc": acc, "final_acc": acc[-1], "n": n,
-              **{k: 100.0 * v / max(n, 1) for k, v in ens.items()}}
+              **{k: 100.0 * v / max(n, 1) if any(can_predict) else None for k, v in ens.items()}}
     if groups.any:
         result["group_acc"] = groups.result()
     return result

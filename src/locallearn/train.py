@@ -22,6 +22,7 @@ from locallearn.accumulate import build_schedule, compute_fraction, stage_train_
 from locallearn.config import RunConfig, to_dict
 from locallearn.data import DataSplits, batches, load_data
 from locallearn.data.strong_augment import build_augment
+from locallearn.difficulty import apply_difficulty
 from locallearn.engines import Engine, build_engine
 from locallearn.evaluate import evaluate
 from locallearn.groups import node_costs
@@ -29,6 +30,7 @@ from locallearn.measure import SavedTensorsMeter, Timer, cuda_peak_bytes, macs, 
 from locallearn.models.blocks import build_model
 from locallearn.network import LocalNet
 from locallearn.optim import build_optimizer, build_scheduler
+from locallearn.probe import is_self_supervised, probe_net, record_probe
 
 
 class TrainingError(RuntimeError):
@@ -52,7 +54,7 @@ def build_net(cfg: RunConfig, data: DataSplits) -> LocalNet:
         options.setdefault("vocab_size", data.meta["vocab_size"])
     backbone = build_model(cfg.model.name, data.input_shape, data.num_classes, **options)
     o = cfg.objective
-    return LocalNet.from_backbone(
+    net = LocalNet.from_backbone(
         backbone, cfg.split.k, by=cfg.split.by, cuts=list(cfg.split.cuts),
         objective=o.name, head=list(o.heads) if o.heads else o.head,
         last_head=o.last_head or None, predictor=o.predictor or None,
@@ -60,6 +62,17 @@ def build_net(cfg: RunConfig, data: DataSplits) -> LocalNet:
         group_options={"detach_ratio": o.detach_ratio, "diversity_weight": o.diversity_weight,
                        "temperature": o.diversity_temperature},
         context=cfg.context.name, reconstruct=list(o.reconstruct))
+    if o.difficulty:  # per-stage objective options (a schedule harder with depth)
+        apply_difficulty(net, o.name, dict(o.options), dict(o.difficulty), o.head)
+    return net
+
+
+def stack_views(augment: Any, views: int) -> Any:
+    """An augmentation returning ``views`` independent augmentations of a batch, stacked
+    along the batch dimension ([view1; view2; ...]): the input of self-supervised objectives."""
+    def many(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.cat([augment(x, generator) for _ in range(views)])
+    return many
 
 
 def stage_costs(net: LocalNet, sample: Any) -> list[dict[str, int]]:
@@ -106,6 +119,10 @@ class Trainer:
                                            o.gamma) for opt in self.optimizers]
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
         self.augment = build_augment(cfg.data.augment)
+        self.views = max(getattr(s.objective, "views", 1) for s in net.stages)
+        if self.views > 1 and self.augment is None:
+            raise TrainingError(f"objective {cfg.objective.name} compares {self.views} augmented "
+                                "views of each image: set data.augment=strong (or basic)")
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
         self.schedule = build_schedule(cfg.train.accumulate, cfg.train.triggers, net.k,
@@ -114,9 +131,13 @@ class Trainer:
 
     # -- data ------------------------------------------------------------------------
     def train_batches(self):
-        return batches(self.data.train, self.cfg.data.batch_size, shuffle=True,
-                       generator=self.generator, device=self.device, augment=self.augment,
-                       mean=self.data.meta.get("mean"), std=self.data.meta.get("std"))
+        """One epoch of training batches; with ``views`` > 1 (self-supervised objectives)
+        each batch is ``[view1; view2; ...]`` of the same images, labels repeated alike."""
+        augment = self.augment if self.views == 1 else stack_views(self.augment, self.views)
+        out = batches(self.data.train, self.cfg.data.batch_size, shuffle=True,
+                      generator=self.generator, device=self.device, augment=augment,
+                      mean=self.data.meta.get("mean"), std=self.data.meta.get("std"))
+        return out if self.views == 1 else ((x, y.repeat(self.views)) for x, y in out)
 
     def test_batches(self):
         return batches(self.data.test, max(256, self.cfg.data.batch_size), shuffle=False,
@@ -285,4 +306,9 @@ def run(cfg: RunConfig, resume: str | Path | None = None) -> tuple[dict[str, Any
         trainer.load_state_dict(state)
         runs.truncate_metrics(run_dir, trainer.epoch)
         runs.save_config(run_dir, cfg)
-    return trainer.fit(), run_dir
+    summary = trainer.fit()
+    if is_self_supervised(trainer.net):  # no classifier: judge the features by linear probes
+        result = probe_net(trainer.net, data, device=trainer.device)
+        summary.update(result)
+        record_probe(run_dir, result)
+    return summary, run_dir
