@@ -157,6 +157,19 @@ def test_padding_never_changes_any_stage_output(key: str) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+def test_lstm_stages_have_their_cost_counted() -> None:
+    """The FLOP counter knows the CPU LSTM kernel: 4H x (in + H) MACs per real token."""
+    from locallearn.measure import macs
+
+    net = _net("lstm", 3).eval()  # embedding + LSTM 1 | LSTM 2 | LSTM 3
+    ids = _ids(5, torch.Generator().manual_seed(0))
+    tokens = int((ids != 0).sum())
+    h = net.stages[0](ids)
+    assert macs(lambda: net.stages[0].body(ids)) == tokens * 4 * 8 * (8 + 8)
+    with torch.no_grad():
+        assert macs(lambda: net.stages[1].body(h)) == tokens * 4 * 8 * (8 + 8)
+
+
 # --- predictors, early exit ------------------------------------------------------------
 
 

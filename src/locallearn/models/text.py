@@ -24,6 +24,7 @@ import math
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.utils import flop_counter
 
 from locallearn.models.blocks import Backbone, infer_shapes, register_model
 
@@ -144,6 +145,22 @@ class PositionalEmbedding(nn.Module):
                              f"max_len {self.max_len}; build the model with a larger max_len")
         h = self.drop(h + self.pos[:h.shape[1]])
         return h * mask.unsqueeze(-1), mask
+
+
+def _lstm_layer_flops(input_shape: tuple[int, ...], w_ih: tuple[int, ...],
+                      w_hh: tuple[int, ...], *args: object, **kwargs: object) -> int:
+    """FLOPs of one oneDNN LSTM layer: a (4H, in) and a (4H, H) product per token."""
+    tokens = 1
+    for s in input_shape[:-1]:  # (tokens, in) when packed, else (L, N, in) or (N, L, in)
+        tokens *= s
+    return 2 * tokens * (w_ih[0] * w_ih[1] + w_hh[0] * w_hh[1])
+
+
+# PyTorch's FLOP counter (locallearn.measure.macs) has no formula for the CPU LSTM kernel
+# and would count an LSTM layer as free; stage costs and early-exit savings need it
+_MKLDNN_RNN = getattr(torch.ops.aten, "mkldnn_rnn_layer", None)
+if _MKLDNN_RNN is not None and _MKLDNN_RNN not in flop_counter.flop_registry:
+    flop_counter.register_flop_formula(_MKLDNN_RNN)(_lstm_layer_flops)
 
 
 class LSTMLayer(nn.Module):
