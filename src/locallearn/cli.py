@@ -33,8 +33,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config = None
     cfg = load_config(config, overrides)
     summary, run_dir = run(cfg, resume=args.resume)
-    print(compare_table([summary]))
-    print(f"run folder: {run_dir}")
+    if summary:  # empty on pipeline workers other than rank 0 (under torchrun)
+        print(compare_table([summary]))
+        print(f"run folder: {run_dir}")
     return 0
 
 

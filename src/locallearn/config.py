@@ -92,6 +92,12 @@ class EngineConfig:
     workers: int = 2                      # pipeline: processes on this machine
     threads: int = 0                      # torch threads per process (0 = cores // workers)
     device: str = "cpu"                   # e.g. cpu, cuda, cuda:1
+    devices: tuple = ()                   # pipeline: device per worker, or one for all
+                                          # (empty: cuda:<local rank> if CUDA is available, else cpu)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # pipeline: auto = nccl if every rank has a GPU
+    micro_batches: int = 1                # pipeline: parts per batch (gradients accumulate, one update)
+    queue: int = 2                        # pipeline: packets in flight per link (send and receive)
+    timeout: float = 300.0                # pipeline: seconds a worker waits for a peer before failing
 
 
 @dataclass(frozen=True)
@@ -181,12 +187,15 @@ def validate(cfg: RunConfig) -> None:
     """Cross-field checks that a single type cannot express."""
     positive = {"split.k": cfg.split.k, "data.batch_size": cfg.data.batch_size,
                 "train.epochs": cfg.train.epochs, "engine.workers": cfg.engine.workers,
+                "engine.micro_batches": cfg.engine.micro_batches, "engine.queue": cfg.engine.queue,
                 "split.groups": cfg.split.groups}
     for key, v in positive.items():
         if v < 1:
             raise ConfigError(f"{key}={v} is not allowed: it must be at least 1")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr} is not allowed: it must be positive")
+    if cfg.engine.timeout <= 0:
+        raise ConfigError(f"engine.timeout={cfg.engine.timeout} is not allowed: it must be positive")
     if cfg.train.accumulate != "none" or cfg.train.triggers:
         from locallearn.accumulate import check_config  # lazy: it needs torch and the models
 

@@ -9,21 +9,26 @@ after the first), chosen by
 ``params``   balanced parameter count
 ``macs``     balanced multiply-accumulates
 ``memory``   balanced activation memory (bytes saved for backward, measured)
-``time``     balanced measured forward + backward time
+``time``     balanced measured forward + backward time (plus, given a head
+             builder, the time of the local objective at each possible cut)
 ==========  ===============================================================
 
 Balancing picks the contiguous partition that minimises the largest stage cost
-(exact dynamic programme; models have at most a few hundred blocks).
+(exact dynamic programme; models have at most a few hundred blocks). Measuring runs
+on copies of the blocks with a forked random state, so it changes neither the
+model (BatchNorm statistics, gradients) nor the random numbers of the run.
 """
 
 from __future__ import annotations
 
+import copy
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
+from typing import Any
 
 import torch
-from torch import nn
 
 from locallearn.measure import SavedTensorsMeter, macs, param_count
 from locallearn.models.blocks import Activation, Backbone
@@ -75,31 +80,57 @@ def block_costs(backbone: Backbone, by: str, batch: int = 32,
     inputs = _block_inputs(backbone, batch, sample)
     costs = []
     for block, x in zip(backbone.blocks, inputs):
+        twin = copy.deepcopy(block)  # measuring in train mode would update BatchNorm statistics
         if by == "macs":
-            costs.append(float(macs(lambda: block(x))) / batch)
+            costs.append(float(macs(lambda: twin(x))) / batch)
         elif by == "memory":
-            with SavedTensorsMeter(block) as meter:
-                _sum(block(_requires_grad(x))).backward()
+            with SavedTensorsMeter(twin) as meter:
+                _sum(twin(_requires_grad(x))).backward()
             costs.append(float(meter.peak_bytes))
         elif by == "time":
-            costs.append(_time_block(block, x, repeats))
+            costs.append(_median_seconds(lambda: _sum(twin(_requires_grad(x))).backward(), repeats))
         else:
             raise ValueError(f"unknown split measure {by!r}; choose one of: {', '.join(SPLIT_BY)}")
     return costs
 
 
-def _time_block(block: nn.Module, x: Activation, repeats: int) -> float:
+def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
     times = []
     for _ in range(repeats + 1):  # the first run warms up allocators and kernels
         t0 = time.perf_counter()
-        _sum(block(_requires_grad(x))).backward()
+        fn()
         times.append(time.perf_counter() - t0)
-    block.zero_grad(set_to_none=True)
     return sorted(times[1:])[len(times[1:]) // 2]
 
 
-def balanced_cuts(costs: list[float], k: int) -> list[int]:
+HeadBuilder = Callable[[tuple[int, ...], bool], Any]  # (output shape, is last) -> objective
+
+
+def head_costs(backbone: Backbone, make_head: HeadBuilder, batch: int = 32,
+               sample: Activation | None = None, repeats: int = 3) -> list[float]:
+    """Median seconds of forward + backward of the local objective after each block.
+
+    Entry i is what a stage ending at block i pays for its objective; ``make_head``
+    builds the objective for an output shape (and whether it is the last stage's).
+    """
+    inputs = _block_inputs(backbone, batch, sample)
+    with torch.no_grad():
+        last = backbone.blocks[-1].eval()(inputs[-1])
+        backbone.blocks[-1].train()
+    outputs = [*inputs[1:], last]
+    y = torch.randint(backbone.num_classes, (batch,))
+    costs = []
+    for i, out in enumerate(outputs):
+        head = make_head(tuple(backbone.shapes[i + 1]), i == len(outputs) - 1)
+        costs.append(_median_seconds(lambda: head.loss(_requires_grad(out), y).backward(), repeats))
+    return costs
+
+
+def balanced_cuts(costs: Sequence[float], k: int,
+                  end_costs: Sequence[float] | None = None) -> list[int]:
     """Cut indices of the contiguous K-partition of ``costs`` with the smallest maximum part.
+
+    A part that ends at block i also pays ``end_costs[i]`` (e.g. its head), if given.
 
     Raises:
         ValueError: if ``k`` is not between 1 and ``len(costs)``.
@@ -109,15 +140,19 @@ def balanced_cuts(costs: list[float], k: int) -> list[int]:
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c)
+    ends = list(end_costs) if end_costs is not None else [0.0] * n
 
-    @lru_cache(maxsize=None)
+    def part(start: int, stop: int) -> float:
+        return prefix[stop] - prefix[start] + ends[stop - 1]
+
+    @cache
     def best(start: int, parts: int) -> tuple[float, tuple[int, ...]]:
         if parts == 1:
-            return prefix[n] - prefix[start], ()
+            return part(start, n), ()
         options = []
         for cut in range(start + 1, n - parts + 2):
             rest, cuts = best(cut, parts - 1)
-            options.append((max(prefix[cut] - prefix[start], rest), (cut, *cuts)))
+            options.append((max(part(start, cut), rest), (cut, *cuts)))
         return min(options)
 
     return list(best(0, k)[1])
@@ -140,8 +175,13 @@ def check_cuts(cuts: list[int], n_blocks: int) -> list[int]:
 
 
 def find_cuts(backbone: Backbone, k: int, by: str = "count", cuts: list[int] | None = None,
-              batch: int = 32, sample: Activation | None = None) -> list[int]:
-    """Cut indices for ``k`` stages of ``backbone`` chosen by ``by`` (see module doc)."""
+              batch: int = 32, sample: Activation | None = None,
+              head: HeadBuilder | None = None) -> list[int]:
+    """Cut indices for ``k`` stages of ``backbone`` chosen by ``by`` (see module doc).
+
+    With ``by="time"`` and a ``head`` builder, each stage's cost includes the measured
+    time of its local objective.
+    """
     n = len(backbone.blocks)
     if by == "cuts" or cuts:
         chosen = check_cuts(list(cuts or []), n)
@@ -153,7 +193,10 @@ def find_cuts(backbone: Backbone, k: int, by: str = "count", cuts: list[int] | N
     if by == "count":  # as equal as possible, the larger stages first
         check_k(k, n)
         return [sum(n // k + (j < n % k) for j in range(i)) for i in range(1, k)]
-    return balanced_cuts(block_costs(backbone, by, batch, sample), k)
+    with torch.random.fork_rng(devices=[]):  # measuring must not shift the run's random numbers
+        costs = block_costs(backbone, by, batch, sample)
+        ends = head_costs(backbone, head, batch, sample) if by == "time" and head else None
+    return balanced_cuts(costs, k, ends)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from locallearn import runs
 from locallearn.accumulate import build_schedule, compute_fraction, stage_train_costs
 from locallearn.config import RunConfig, to_dict
+from locallearn.context import find_cuts_with_context
 from locallearn.data import DataSplits, batches, load_data
 from locallearn.data.strong_augment import build_augment
 from locallearn.difficulty import apply_difficulty
@@ -27,10 +28,12 @@ from locallearn.engines import Engine, build_engine
 from locallearn.evaluate import evaluate
 from locallearn.groups import node_costs
 from locallearn.measure import SavedTensorsMeter, Timer, cuda_peak_bytes, macs, param_count, peak_rss_bytes
-from locallearn.models.blocks import build_model
+from locallearn.models.blocks import Backbone, build_model
 from locallearn.network import LocalNet
+from locallearn.objectives.base import build_objective
 from locallearn.optim import build_optimizer, build_scheduler
 from locallearn.probe import is_self_supervised, probe_net, record_probe
+from locallearn.split import find_cuts
 
 
 class TrainingError(RuntimeError):
@@ -47,15 +50,49 @@ def build_data(cfg: RunConfig) -> DataSplits:
     return data
 
 
-def build_net(cfg: RunConfig, data: DataSplits) -> LocalNet:
-    """Build the configured model for ``data`` and split it into stages."""
+def build_backbone(cfg: RunConfig, data: DataSplits) -> Backbone:
+    """Build the configured model's blocks for ``data``."""
     options = dict(cfg.model.options)
     if "vocab_size" in data.meta:  # text models take their vocabulary from the data
         options.setdefault("vocab_size", data.meta["vocab_size"])
-    backbone = build_model(cfg.model.name, data.input_shape, data.num_classes, **options)
+    return build_model(cfg.model.name, data.input_shape, data.num_classes, **options)
+
+
+def split_cuts(cfg: RunConfig, data: DataSplits, backbone: Backbone | None = None) -> list[int]:
+    """The cut indices of the configured split, measured here for measured splits.
+
+    ``by=time`` times every block's forward and backward and the local objective a
+    stage ending at that block would carry. Measuring changes neither the random
+    state nor ``backbone`` (a fresh one is built if none is given).
+    """
+    with torch.random.fork_rng(devices=[]):
+        backbone = backbone if backbone is not None else build_backbone(cfg, data)
+        if cfg.split.by == "time":
+            return find_cuts(backbone, cfg.split.k, "time", list(cfg.split.cuts),
+                             head=_head_builder(cfg, backbone))
+        return find_cuts_with_context(backbone, cfg.split.k, cfg.split.by, list(cfg.split.cuts),
+                                      mode=cfg.context.name)
+
+
+def _head_builder(cfg: RunConfig, backbone: Backbone) -> Any:
     o = cfg.objective
+
+    def make(shape: tuple[int, ...], last: bool) -> Any:
+        options = {**o.options, **(backbone.head_options if last else {})}
+        return build_objective(o.name, shape, backbone.num_classes, last=last,
+                               head=(o.last_head or backbone.head) if last else o.head, **options)
+    return make
+
+
+def build_net(cfg: RunConfig, data: DataSplits) -> LocalNet:
+    """Build the configured model for ``data`` and split it into stages."""
+    backbone = build_backbone(cfg, data)
+    o = cfg.objective
+    cuts = list(cfg.split.cuts)
+    if cfg.split.by == "time" and not cuts:  # the split's own measure leaves out head time
+        cuts = split_cuts(cfg, data, backbone)
     net = LocalNet.from_backbone(
-        backbone, cfg.split.k, by=cfg.split.by, cuts=list(cfg.split.cuts),
+        backbone, cfg.split.k, by=cfg.split.by, cuts=cuts,
         objective=o.name, head=list(o.heads) if o.heads else o.head,
         last_head=o.last_head or None, predictor=o.predictor or None,
         objective_options=dict(o.options), groups=cfg.split.groups,
@@ -289,20 +326,18 @@ def run(cfg: RunConfig, resume: str | Path | None = None) -> tuple[dict[str, Any
     Returns:
         The run summary and the run folder.
     """
+    if _pipelined(cfg, resume):  # worker processes: see locallearn.distributed.launch
+        from locallearn.distributed.launch import run_pipeline
+
+        return run_pipeline(cfg, resume)
+    state = runs.load_checkpoint(resume) if resume is not None else None
+    cfg, run_dir = resolve_run(cfg, resume)
     torch.manual_seed(cfg.train.seed)
-    if resume is not None:
-        run_dir = Path(resume)
-        state = runs.load_checkpoint(run_dir)
-        saved = runs.load_run_config(run_dir)
-        cfg = dataclasses.replace(saved, train=dataclasses.replace(saved.train, epochs=cfg.train.epochs))
-        torch.manual_seed(cfg.train.seed)
-    else:
-        run_dir = runs.new_run_dir(cfg)
     data = build_data(cfg)
     if "vocab" in data.meta:  # text: the encoder fitted on the train split, to encode new text
         runs.write_json(run_dir / "vocab.json", data.meta["vocab"])
     trainer = Trainer(build_net(cfg, data), data, cfg, run_dir)
-    if resume is not None:
+    if state is not None:
         trainer.load_state_dict(state)
         runs.truncate_metrics(run_dir, trainer.epoch)
         runs.save_config(run_dir, cfg)
@@ -312,3 +347,30 @@ def run(cfg: RunConfig, resume: str | Path | None = None) -> tuple[dict[str, Any
         summary.update(result)
         record_probe(run_dir, result)
     return summary, run_dir
+
+
+def resolve_run(cfg: RunConfig, resume: str | Path | None = None) -> tuple[RunConfig, Path]:
+    """The config and a fresh folder of a new run, or the run that ``resume`` continues.
+
+    A resumed run keeps its saved config, except ``train.epochs`` (from ``cfg``).
+
+    Raises:
+        RunError: if ``resume`` is not a run folder with a checkpoint.
+    """
+    if resume is None:
+        return cfg, runs.new_run_dir(cfg)
+    run_dir = Path(resume)
+    if not (run_dir / runs.CHECKPOINT).is_file():
+        raise runs.RunError(f"cannot resume {run_dir}: it holds no {runs.CHECKPOINT} "
+                            f"(a run folder holds one after its first epoch)")
+    saved = runs.load_run_config(run_dir)
+    return dataclasses.replace(saved, train=dataclasses.replace(saved.train, epochs=cfg.train.epochs)), run_dir
+
+
+def _pipelined(cfg: RunConfig, resume: str | Path | None) -> bool:
+    """True if this run goes through the pipeline launcher (or this process is a torchrun worker)."""
+    from locallearn.distributed import under_torchrun
+
+    if cfg.engine.name == "pipeline" or under_torchrun():
+        return True
+    return resume is not None and runs.load_run_config(Path(resume)).engine.name == "pipeline"

@@ -3,7 +3,8 @@
 =============  ==========================================================
 ``backprop``    end-to-end BP of the whole model (the reference)
 ``local``       sequential local training, one stage after another
-``pipeline``    stages in separate processes (torch.distributed)
+``pipeline``    stages in separate processes (torch.distributed); built per rank
+                by :mod:`locallearn.distributed.launch`, not by :func:`build_engine`
 =============  ==========================================================
 """
 
@@ -32,7 +33,9 @@ def build_engine(name: str, **options: Any) -> Engine:
     """
     if name == "backprop":
         return BackpropEngine(aux_heads=options.get("aux_heads", True))
-    if name == "local":
+    if name in ("local", "pipeline"):
+        # In one process the pipeline's synchronized updates are the sequential ones; its
+        # workers are started by `locallearn.distributed.launch` (see engines/pipeline.py).
         return LocalEngine()
     if name == "multiexit":
         return MultiExitEngine(options.get("exit_weights"))

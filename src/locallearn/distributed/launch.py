@@ -1,0 +1,403 @@
+"""Starting the pipeline's workers: on this machine by itself, or under torchrun.
+
+``locallearn train ... engine=pipeline engine.workers=W`` spawns W worker processes
+(rendezvous on a free local port) and watches them::
+
+    launcher ──spawn──► rank 0 (data, stages 1..)  ──►  rank 1  ──►  …  ──►  rank W-1
+        │                    ╰── each writes ranks/rank<r>.pt; rank 0 the run folder
+        ╰── waits; when one worker fails it gives the others `grace` seconds to stop,
+            kills what is left and raises PipelineError naming the failed rank
+
+Under ``torchrun --nnodes N --nproc-per-node M -m locallearn train ...`` every process
+is already a worker: rank, world size and rendezvous come from torchrun's environment
+(RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and torchrun
+is the launcher that watches them.
+
+Each worker sets ``torch.set_num_threads(engine.threads or cores // workers-per-node)``,
+picks its device (``engine.devices``, default ``cuda:<local rank>`` when CUDA is
+available, else the CPU) and joins two process groups: *control* (gloo, for set-up,
+metrics and checkpoints) and *data* (NCCL when every rank has a GPU, else gloo) for
+the activations. Every wait has ``engine.timeout``, so no worker waits forever for a
+dead or frozen peer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing.connection
+import os
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from tqdm import tqdm
+
+from locallearn import runs
+from locallearn.config import ConfigError, EngineConfig, RunConfig
+from locallearn.distributed import under_torchrun
+from locallearn.distributed.comm import Control, Inbox, Outbox, PeerError
+from locallearn.distributed.worker import PipelineTrainer, Session, Setup, placeholder_data, prepare
+from locallearn.engines.pipeline import PipelineEngine, assign_stages
+from locallearn.train import TrainingError, build_net, resolve_run
+
+
+class PipelineError(TrainingError):
+    """A pipeline worker failed; the message names the rank, its error and the checkpoint."""
+
+
+@dataclass(frozen=True)
+class WorkerEnv:
+    """A worker's place in the job and how to reach the others."""
+
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    init_method: str = "env://"
+
+    @classmethod
+    def from_environ(cls) -> WorkerEnv:
+        """Read torchrun's environment variables."""
+        e = os.environ
+        world = int(e["WORLD_SIZE"])
+        return cls(int(e["RANK"]), world, int(e.get("LOCAL_RANK", e["RANK"])),
+                   int(e.get("LOCAL_WORLD_SIZE", world)))
+
+
+# -- the launcher -----------------------------------------------------------------------
+
+def run_pipeline(cfg: RunConfig, resume: str | Path | None = None) -> tuple[dict[str, Any], Path]:
+    """Train with ``engine: pipeline``: spawn the workers here, or be one under torchrun.
+
+    Returns:
+        The run summary (empty on ranks other than 0 under torchrun) and the run folder.
+
+    Raises:
+        PipelineError: if a worker fails (the message names it).
+        ConfigError: for a config the pipeline cannot run.
+    """
+    if under_torchrun():
+        return _torchrun_worker(cfg, resume)
+    cfg, run_dir = resolve_run(cfg, resume)
+    if cfg.engine.name != "pipeline":
+        raise ConfigError(f"run {run_dir} uses engine={cfg.engine.name}, not pipeline")
+    try:
+        assign_stages(cfg.split.k, cfg.engine.workers)  # fail here, not in W processes
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    spawn_workers(cfg, resume, run_dir)
+    return json.loads((run_dir / "summary.json").read_text()), run_dir
+
+
+def spawn_workers(cfg: RunConfig, resume: str | Path | None, run_dir: Path,
+                  grace: float = 5.0) -> None:
+    """Start ``cfg.engine.workers`` processes on this machine and wait for all of them.
+
+    Raises:
+        PipelineError: if a worker fails; the others are stopped within ``grace`` s.
+    """
+    world = cfg.engine.workers
+    init = f"tcp://127.0.0.1:{free_port()}"
+    reports = Path(tempfile.mkdtemp(prefix="locallearn-ranks-"))
+    ctx = _context()
+    procs = [ctx.Process(target=_spawned_worker, name=f"locallearn-rank{r}",
+                         args=(WorkerEnv(r, world, r, world, init), cfg, resume, str(run_dir),
+                               str(reports), dict(os.environ)))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        died, stopped = _watch(procs, grace)
+    except BaseException:  # e.g. Ctrl-C: take the workers down with the launcher
+        _stop(procs)
+        raise
+    codes = [p.exitcode for p in procs]
+    found = {r: json.loads((reports / f"rank{r}.json").read_text())
+             for r in range(world) if (reports / f"rank{r}.json").is_file()}
+    for f in reports.iterdir():
+        f.unlink()
+    reports.rmdir()
+    if any(c != 0 for c in codes):
+        raise PipelineError(describe_failure(codes, died, stopped, found, cfg, run_dir))
+
+
+def _context() -> Any:
+    """Processes forked from a server that has imported torch and locallearn once.
+
+    Starting a worker then costs milliseconds instead of seconds of imports (the
+    server lives as long as the launcher, so repeated launches share it; workers
+    take the launcher's environment of the moment, see ``_spawned_worker``). Where
+    ``forkserver`` does not exist, workers are spawned.
+    """
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["locallearn.distributed.launch", "torch._dynamo"])
+    return ctx
+
+
+def free_port() -> int:
+    """A TCP port that is free on this machine right now (for the rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _watch(procs: list[Any], grace: float) -> tuple[dict[int, float], set[int]]:
+    """Wait for every process; once one fails, stop the rest after ``grace`` seconds.
+
+    Returns:
+        When each rank was seen to end, and the ranks the launcher stopped itself.
+    """
+    died: dict[int, float] = {}
+    failed_at: float | None = None
+    while True:
+        now = time.monotonic()
+        for r, p in enumerate(procs):
+            if p.exitcode is not None and r not in died:
+                died[r] = now
+                if p.exitcode != 0 and failed_at is None:
+                    failed_at = now
+        alive = [p for p in procs if p.exitcode is None]
+        if not alive:
+            return died, set()
+        if failed_at is not None and now - failed_at > grace:
+            stopped = {r for r, p in enumerate(procs) if p.exitcode is None}
+            _stop(procs)
+            return died, stopped
+        multiprocessing.connection.wait([p.sentinel for p in alive], timeout=0.25)
+
+
+def _stop(procs: list[Any]) -> None:
+    """Terminate the processes still running, then kill those that do not end."""
+    for p in procs:
+        if p.exitcode is None:
+            p.terminate()
+    deadline = time.monotonic() + 3
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.exitcode is None:
+            p.kill()
+            p.join()
+
+
+def describe_failure(codes: list[int | None], died: dict[int, float], stopped: set[int],
+                     reports: dict[int, dict[str, Any]], cfg: RunConfig, run_dir: Path) -> str:
+    """One message naming the rank that failed first, its error and the checkpoint to resume."""
+    rank, error = root_cause(codes, died, stopped, reports)
+    stages = assign_stages(cfg.split.k, cfg.engine.workers)[rank]
+    where = f"stage {stages.start + 1}" if len(stages) == 1 else \
+        f"stages {stages.start + 1}-{stages.stop}"
+    try:
+        epoch = runs.load_checkpoint(run_dir)["epoch"]
+        saved = (f"the last good checkpoint (epoch {epoch}) is in {run_dir}; continue with "
+                 f"`locallearn train --resume {run_dir}`")
+    except runs.RunError:
+        saved = f"no checkpoint had been written yet in {run_dir}"
+    return (f"pipeline worker rank {rank} ({where}) failed: {error}. All {len(codes)} workers "
+            f"were stopped; {saved}")
+
+
+def root_cause(codes: list[int | None], died: dict[int, float], stopped: set[int],
+               reports: dict[int, dict[str, Any]]) -> tuple[int, str]:
+    """The rank to blame and why, from exit codes and the workers' own reports.
+
+    In order: a worker's own error (the earliest); a worker that died without a report
+    (killed, or a native crash); the peer that the other workers' errors name (a
+    peer that stopped answering is still alive until the launcher stops it).
+    """
+    own = [rep for rep in reports.values() if rep["kind"] == "error"]
+    if own:
+        rep = min(own, key=lambda r: r["time"])
+        return rep["rank"], rep["message"]
+    silent = [r for r, c in enumerate(codes) if c not in (0, None) and r not in reports
+              and r not in stopped]
+    if silent:
+        r = min(silent, key=lambda r: died.get(r, math.inf))
+        return r, _exit_text(codes[r])
+    blamed = [rep for rep in reports.values() if rep.get("peer") is not None]
+    if blamed:
+        rep = min(blamed, key=lambda r: r["time"])
+        what = "stopped answering" if rep["timed_out"] else "failed"
+        return rep["peer"], f"it {what} (rank {rep['rank']}: {rep['message']})"
+    r = min((r for r, c in enumerate(codes) if c != 0), key=lambda r: died.get(r, math.inf))
+    return r, reports[r]["message"] if r in reports else _exit_text(codes[r])
+
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"killed by signal {signal.Signals(-code).name}"
+    return f"exited with code {code} without a Python error (os._exit or a native crash)"
+
+
+# -- a worker ---------------------------------------------------------------------------
+
+def _spawned_worker(env: WorkerEnv, cfg: RunConfig, resume: str | Path | None, run_dir: str,
+                    reports: str, environ: dict[str, str]) -> None:
+    """Entry point of a spawned worker: run, or report the error and exit non-zero at once.
+
+    Either way the process ends with ``os._exit``: everything it writes is written
+    atomically and closed by then, and the interpreter's own teardown could wait on
+    a dead peer (and takes seconds once ``torch._dynamo`` is loaded).
+    """
+    os.environ.clear()  # the launcher's environment now, not the fork server's from its start
+    os.environ.update(environ)
+    code = 0
+    try:
+        run_worker(cfg, resume, Path(run_dir), env)
+    except BaseException as e:
+        _write_report(Path(reports) / f"rank{env.rank}.json", env.rank, e)
+        if isinstance(e, PeerError):  # a consequence: the failed peer prints the cause
+            print(f"pipeline worker rank {env.rank}: {e}", file=sys.stderr)
+        else:
+            traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _torchrun_worker(cfg: RunConfig, resume: str | Path | None) -> tuple[dict[str, Any], Path]:
+    env = WorkerEnv.from_environ()
+    try:
+        return run_worker(cfg, resume, None, env)
+    except (ConfigError, PipelineError):
+        raise
+    except BaseException as e:
+        traceback.print_exc()
+        raise PipelineError(f"pipeline worker rank {env.rank} ({socket.gethostname()}) failed: "
+                            f"{_error_text(e)}") from e
+
+
+def _write_report(path: Path, rank: int, e: BaseException) -> None:
+    peer = e.peer if isinstance(e, PeerError) else None
+    report = {"rank": rank, "kind": "peer" if isinstance(e, PeerError) else "error",
+              "peer": peer, "timed_out": bool(getattr(e, "timed_out", False)),
+              "message": _error_text(e), "time": time.time()}
+    path.write_text(json.dumps(report))
+
+
+def _error_text(e: BaseException) -> str:
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    first = (str(e).strip().splitlines() or [""])[0][:400]
+    return f"{type(e).__name__}: {first}{where}"
+
+
+def run_worker(cfg: RunConfig, resume: str | Path | None, run_dir: Path | None,
+               env: WorkerEnv) -> tuple[dict[str, Any], Path]:
+    """Everything one worker does: join the groups, set up, train, leave.
+
+    Args:
+        cfg: the run config (rank 0's is the one used; see :func:`prepare`).
+        resume: the run folder to continue, if any.
+        run_dir: the run folder made by the launcher (``None`` under torchrun: rank 0
+            makes it).
+        env: this worker's rank and rendezvous.
+    """
+    threads = set_threads(cfg.engine.threads, env.local_world)
+    tqdm.set_lock(threading.RLock())  # not tqdm's default process lock: workers end by os._exit
+    device = pick_device(cfg.engine, env.rank, env.local_rank, env.world)
+    timeout = timedelta(seconds=cfg.engine.timeout)
+    dist.init_process_group("gloo", init_method=env.init_method, rank=env.rank,
+                            world_size=env.world, timeout=timeout)
+    control = Control(dist.group.WORLD, env.rank, env.world)
+    backend = choose_backend(cfg.engine.backend, device, control)
+    data_group = dist.new_group(backend=backend, timeout=timeout)
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+    data = None
+    if env.rank == 0:
+        setup, data = prepare(cfg, resume, run_dir)
+        control.broadcast(setup)
+    else:
+        setup = control.broadcast()
+    trainer = build_trainer(setup, data, env, device, threads, backend, control, data_group)
+    if resume is not None:
+        trainer.restore()
+    summary = trainer.fit()
+    control.barrier()
+    dist.destroy_process_group()
+    return summary, Path(setup.run_dir)
+
+
+def build_trainer(setup: Setup, data: Any, env: WorkerEnv, device: torch.device, threads: int,
+                  backend: str, control: Control, data_group: Any) -> PipelineTrainer:
+    """Build this rank's network, links, engine and trainer from rank 0's set-up."""
+    cfg = setup.cfg
+    ranges = assign_stages(cfg.split.k, env.world)
+    torch.set_rng_state(setup.rng)  # every rank initialises the net as a single process would
+    data = data if data is not None else placeholder_data(setup.data)
+    net = build_net(cfg, data)
+    e = cfg.engine
+    wire = device if backend == "nccl" else torch.device("cpu")
+    mine = ranges[env.rank]
+    inbox = Inbox(env.rank - 1, data_group, wire, device, e.queue, e.timeout) if env.rank else None
+    outbox = (Outbox(env.rank + 1, data_group, wire, e.queue, e.timeout)
+              if env.rank < env.world - 1 else None)
+    needs = {j for k in range(mine.stop, net.k) for j in net.needs(k)} if net.needs_trail else set()
+    engine = PipelineEngine(mine, inbox, outbox, e.micro_batches, sorted(needs), device)
+    session = Session(env.rank, env.world, device, threads, backend, control, ranges,
+                      e.queue, e.timeout)
+    return PipelineTrainer(net, data, cfg, Path(setup.run_dir), session, engine)
+
+
+def set_threads(requested: int, workers_here: int) -> int:
+    """Set and return this worker's torch threads: ``requested``, else cores // workers here."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    n = requested or max(1, cores // max(1, workers_here))
+    torch.set_num_threads(n)
+    return n
+
+
+def pick_device(e: EngineConfig, rank: int, local_rank: int, world: int) -> torch.device:
+    """This rank's device: ``engine.devices[rank]`` (or the one entry for all), else
+    ``engine.device`` unless it is the default ``cpu``, else ``cuda:<local rank>`` when
+    CUDA is available, else the CPU. A bare ``cuda`` means ``cuda:<local rank>``.
+
+    Raises:
+        ConfigError: if ``engine.devices`` lists neither one device nor one per worker.
+    """
+    devices = list(e.devices)
+    if devices and len(devices) not in (1, world):
+        raise ConfigError(f"engine.devices lists {len(devices)} devices for {world} workers: "
+                          f"give one for all or one per worker")
+    name = str(devices[rank] if len(devices) > 1 else devices[0]) if devices else (
+        e.device if e.device != "cpu" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if name == "cuda":
+        name = f"cuda:{local_rank % max(1, torch.cuda.device_count())}"
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def choose_backend(requested: str, device: torch.device, control: Control) -> str:
+    """NCCL if every rank has a GPU (``auto``), else gloo; check an explicit choice.
+
+    Raises:
+        ConfigError: for ``nccl`` when some rank has no GPU.
+    """
+    gpus = control.all_gather(device.type == "cuda")
+    if requested == "nccl" and not all(gpus):
+        without = [r for r, g in enumerate(gpus) if not g]
+        raise ConfigError(f"engine.backend=nccl needs a GPU on every rank, but ranks {without} "
+                          f"have none; use engine.backend=gloo or auto")
+    if requested == "auto":
+        return "nccl" if all(gpus) and dist.is_nccl_available() else "gloo"
+    return requested

@@ -1,0 +1,301 @@
+"""The pipeline engine: every rank trains a contiguous run of stages, activations flow forward only.
+
+One rank (process) holds stages ``lo..hi``. Per batch it takes the input from the data
+(rank 0) or from the previous rank, runs its stages exactly as the sequential engine
+does (detached input, local loss, backward, optimizer step), and sends the detached
+output with the targets to the next rank. Nothing travels backwards, so while rank
+r+1 works on batch t, rank r already works on batch t+1 (SCPL's schedule)::
+
+    time ->    1      2      3      4      5
+    rank 0   [b1]   [b2]   [b3]   [b4]   [b5]
+    rank 1          [b1]   [b2]   [b3]   [b4]
+    rank 2                 [b1]   [b2]   [b3]
+
+Every stage updates once per batch, with the input its predecessor computed before
+its own update of that batch, so after N batches the parameters are those of
+:class:`~locallearn.engines.sequential.LocalEngine` (synchronized updates).
+
+Micro-batching (``micro_batches=m``) cuts a batch into m parts that travel on their
+own, which shortens the fill and drain of the pipeline; each part's loss is weighted
+by its share of the batch (``n_j / n``) and the gradients accumulate into one update,
+which for mean-reduced losses is the update of the whole batch (up to float error;
+BatchNorm sees m smaller batches, so its statistics differ).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from locallearn.distributed.comm import Inbox, Outbox
+from locallearn.distributed.wire import EVAL, STOP, TRAIN, Packet
+from locallearn.engines.base import detach, stage_loss
+from locallearn.models.blocks import Activation
+from locallearn.network import LocalNet
+
+
+def assign_stages(k: int, workers: int) -> list[range]:
+    """Contiguous, near-equal runs of the ``k`` stages for ``workers`` ranks.
+
+    Later ranks take the extra stage when ``k`` is not a multiple of ``workers``
+    (rank 0 also reads and augments the data).
+
+    Raises:
+        ValueError: if there are more workers than stages.
+    """
+    if not 1 <= workers <= k:
+        raise ValueError(f"engine.workers={workers} is not allowed with split.k={k}: each worker "
+                         f"needs at least one stage, so use 1 to {k} workers (or raise split.k)")
+    sizes = [k // workers + (r >= workers - k % workers) for r in range(workers)]
+    starts = [sum(sizes[:r]) for r in range(workers)]
+    return [range(s, s + n) for s, n in zip(starts, sizes)]
+
+
+def _split(a: Activation, parts: int) -> list[Activation]:
+    """Cut a batch (a tensor or a tuple of tensors) into ``parts`` along dimension 0."""
+    if isinstance(a, tuple):
+        return [tuple(p) for p in zip(*(_split(t, parts) for t in a))]
+    return list(a.tensor_split(parts))
+
+
+@dataclass
+class EvalTally:
+    """Correct answers of one rank's stages and, on the last rank, of the ensembles."""
+
+    correct: dict[int, int] = field(default_factory=dict)   # stage -> correct (absent: cannot predict)
+    stages: list[int] = field(default_factory=list)
+    ensembles: dict[str, int] = field(default_factory=lambda: {"ens_uniform": 0, "ens_weighted": 0})
+    groups: dict[int, list[int]] = field(default_factory=dict)  # stage -> correct per group head
+    n: int = 0
+
+
+def merge_tallies(tallies: Sequence[EvalTally], k: int) -> dict[str, Any]:
+    """The result of :func:`locallearn.evaluate.evaluate` from every rank's tally."""
+    n = max(t.n for t in tallies)
+    pct = lambda c: 100.0 * c / max(n, 1)  # noqa: E731
+    acc: list[float | None] = [None] * k
+    groups: list[list[float] | None] = [None] * k
+    for t in tallies:
+        for s in t.stages:
+            acc[s] = pct(t.correct[s]) if s in t.correct else None
+        for s, counts in t.groups.items():
+            groups[s] = [pct(c) for c in counts]
+    out: dict[str, Any] = {"stage_acc": acc, "final_acc": acc[-1], "n": n,
+                           **{key: pct(v) for key, v in tallies[-1].ensembles.items()}}
+    if any(g is not None for g in groups):
+        out["group_acc"] = groups
+    return out
+
+
+class PipelineEngine:
+    """One rank of the pipeline (``engine: pipeline``).
+
+    Args:
+        stages: the stage indices this rank trains (contiguous).
+        inbox: packets from the previous rank (``None`` on rank 0, which reads data).
+        outbox: packets to the next rank (``None`` on the last rank).
+        micro_batches: parts each batch is cut into on rank 0.
+        downstream_needs: trail indices that stages after this rank read (context
+            supply); other trail entries travel as ``None``.
+        device: this rank's device (for exact timing on GPUs).
+
+    Attribute ``active`` (stage indices, or ``None`` for all) names the stages that
+    train (dynamic layer accumulation), as for the sequential engine.
+    """
+
+    name = "pipeline"
+
+    def __init__(self, stages: range, inbox: Inbox | None = None, outbox: Outbox | None = None,
+                 micro_batches: int = 1, downstream_needs: Sequence[int] = (),
+                 device: torch.device | str = "cpu") -> None:
+        if micro_batches < 1:
+            raise ValueError(f"engine.micro_batches={micro_batches} must be at least 1")
+        self.stages, self.inbox, self.outbox = stages, inbox, outbox
+        self.micro_batches = micro_batches
+        self.downstream_needs = set(downstream_needs)
+        self.device = torch.device(device)
+        self.active: set[int] | None = None
+        self.stage_seconds = {k: 0.0 for k in stages}  # compute time per stage since reset
+
+    # -- which stages run ------------------------------------------------------------
+    def depth(self, net: LocalNet) -> int:
+        """Stages that run this epoch: up to the deepest active one."""
+        return net.k if self.active is None else max(self.active, default=-1) + 1
+
+    def takes_part(self, net: LocalNet) -> bool:
+        """True if this rank trains or feeds a trained stage this epoch."""
+        return self.stages.start < self.depth(net)
+
+    def _trains(self, k: int) -> bool:
+        return self.active is None or k in self.active
+
+    # -- training --------------------------------------------------------------------
+    def step(self, net: LocalNet, optimizers: Sequence[torch.optim.Optimizer],
+             x: Activation | None = None, y: torch.Tensor | None = None) -> list[float]:
+        """Train this rank's stages on one batch and pass it on; returns per-stage losses.
+
+        Rank 0 gives the batch ``(x, y)``; later ranks receive it from the previous rank.
+        Stages of other ranks (and stages that did not train) have loss NaN.
+        """
+        losses = [math.nan] * net.k
+        depth = self.depth(net)
+        own = [k for k in self.stages if k < depth]
+        if not own:
+            return losses
+        train = [k for k in own if self._trains(k)]
+        for k in train:
+            optimizers[k].zero_grad(set_to_none=True)
+            losses[k] = 0.0
+        sends = self.outbox is not None and self.stages.stop < depth
+        for packet in self._micro_batches(x, y):
+            out = self._train_micro(net, packet, own, train, losses)
+            if sends:
+                assert self.outbox is not None
+                self.outbox.put(out)
+        for k in train:
+            start = self._now()
+            optimizers[k].step()
+            self.stage_seconds[k] += self._now() - start
+        return losses
+
+    def _micro_batches(self, x: Activation | None, y: torch.Tensor | None) -> Iterator[Packet]:
+        if self.inbox is None:  # rank 0 cuts its data batch
+            assert x is not None and y is not None, "rank 0 needs the batch (x, y)"
+            parts = min(self.micro_batches, len(y))
+            for xi, yi in zip(_split(x, parts), y.tensor_split(parts)):
+                yield Packet(TRAIN, xi, yi, total=len(y))
+            return
+        seen = 0
+        while True:  # later ranks take parts until the whole batch has arrived
+            packet = self.inbox.get(TRAIN)
+            seen += len(packet.y)
+            yield packet
+            if seen >= packet.total:
+                return
+
+    def _train_micro(self, net: LocalNet, p: Packet, own: list[int], train: list[int],
+                     losses: list[float]) -> Packet:
+        """Forward, local loss and backward of this rank's stages on one (micro-)batch."""
+        h, trail, y = p.h, list(p.trail), p.y
+        share = len(y) / p.total  # the part's weight in the batch's mean loss
+        for k in own:
+            stage = net.stages[k]
+            h = detach(h)
+            if net.needs_trail:
+                trail.append(h)
+            start = self._now()
+            if k in train:
+                out = stage(h, trail)
+                loss = stage_loss(stage, out, y)
+                (loss if share == 1 else loss * share).backward()
+                losses[k] += loss.item() * share
+                h = out
+            else:
+                with torch.no_grad():
+                    h = stage(h, trail)
+            self.stage_seconds[k] += self._now() - start
+        return Packet(TRAIN, detach(h), y, self._trail_out(trail), total=p.total)
+
+    def _trail_out(self, trail: list[Activation]) -> list[Activation | None]:
+        """The trail entries later ranks read; the others travel as ``None``."""
+        return [t if j in self.downstream_needs else None for j, t in enumerate(trail)]
+
+    # -- evaluation ------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, net: LocalNet, tally: EvalTally,
+                 batches: Iterable[tuple[Activation, torch.Tensor]] | None = None,
+                 group_heads: Sequence[Any] = ()) -> None:
+        """Run the test batches through this rank's stages, counting correct answers.
+
+        Rank 0 reads ``batches``; later ranks receive them until an empty packet marks
+        the end. Ensemble sums of the softmax outputs travel with each batch and the
+        last rank scores them as :func:`locallearn.evaluate.evaluate` does.
+        """
+        tally.stages = list(self.stages)
+        for p in self._eval_packets(net, batches):
+            if p.h is None:  # the end of the test set
+                if self.outbox is not None:
+                    self.outbox.put(p)
+                return
+            self._eval_batch(net, tally, p, group_heads)
+
+    def _eval_packets(self, net: LocalNet,
+                      batches: Iterable[tuple[Activation, torch.Tensor]] | None) -> Iterator[Packet]:
+        if self.inbox is not None:
+            while True:
+                yield self.inbox.get(EVAL)
+        assert batches is not None, "rank 0 needs the test batches"
+        for x, y in batches:
+            zeros = torch.zeros(len(y), net.num_classes, device=y.device)
+            weights = torch.zeros(2, dtype=torch.float64, device=y.device)
+            yield Packet(EVAL, x, y, [], [zeros, zeros.clone(), weights], len(y))
+        yield Packet(EVAL)
+
+    def _eval_batch(self, net: LocalNet, tally: EvalTally, p: Packet,
+                    group_heads: Sequence[Any]) -> None:
+        h, trail, y = p.h, list(p.trail), p.y
+        ens_u, ens_w, weights = p.extras
+        for k in self.stages:
+            if net.needs_trail:
+                trail.append(h)
+            h = net.stages[k](h, trail)
+            self._count_groups(tally, k, h, y, group_heads)
+            logits = net.stages[k].predict(h)
+            if logits is None:
+                continue
+            tally.correct[k] = tally.correct.get(k, 0) + int((logits.argmax(1) == y).sum())
+            prob = logits.softmax(1)
+            ens_u, ens_w = ens_u + 1.0 * prob, ens_w + 2.0 ** k * prob
+            weights = weights + torch.tensor([1.0, 2.0 ** k], dtype=weights.dtype,
+                                             device=weights.device)
+        tally.n += len(y)
+        if self.outbox is not None:
+            self.outbox.put(Packet(EVAL, h, y, self._trail_out(trail), [ens_u, ens_w, weights],
+                                   p.total))
+            return
+        for key, acc, w in (("ens_uniform", ens_u, weights[0]), ("ens_weighted", ens_w, weights[1])):
+            tally.ensembles[key] += int(((acc / float(w)).argmax(1) == y).sum())
+
+    @staticmethod
+    def _count_groups(tally: EvalTally, k: int, out: Activation, y: torch.Tensor,
+                      group_heads: Sequence[Any]) -> None:
+        """Correct answers of every width-group head of stage ``k`` (if it has groups)."""
+        head = group_heads[k] if k < len(group_heads) else None
+        if head is None:
+            return
+        counts = tally.groups.setdefault(k, [0] * head.groups)
+        for g, logits in enumerate(head.group_logits(out)):
+            if logits is not None:
+                counts[g] += int((logits.argmax(1) == y).sum())
+
+    # -- bookkeeping -----------------------------------------------------------------
+    def reset_clock(self) -> None:
+        """Start counting compute time per stage afresh (at the start of an epoch)."""
+        self.stage_seconds = {k: 0.0 for k in self.stages}
+        for link in (self.inbox, self.outbox):
+            if link is not None:
+                link.wait_seconds = 0.0
+
+    def flush(self) -> None:
+        """Wait until every packet sent so far has left."""
+        if self.outbox is not None:
+            self.outbox.flush()
+
+    def close(self) -> None:
+        """Tell the next rank the run is over, then wait for the receive thread to end."""
+        if self.outbox is not None:
+            self.outbox.put(Packet(STOP))
+            self.outbox.flush()
+        if self.inbox is not None:
+            self.inbox.get(STOP)
+            self.inbox.close()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":  # kernels run asynchronously: time them to completion
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()

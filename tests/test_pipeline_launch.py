@@ -1,0 +1,85 @@
+"""The pipeline in real worker processes (gloo on CPU): launch, equivalence, torchrun, faults.
+
+Each test starts two worker processes (importing torch takes a few seconds each), so
+this file is slower than the in-process tests of ``test_pipeline.py``.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from locallearn import runs
+from locallearn.cli import main
+from locallearn.config import load_config
+from locallearn.distributed.launch import PipelineError
+from locallearn.train import run
+
+torch.set_num_threads(1)
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+TINY = ["model=mlp", "model.options={hidden: [32, 32, 32, 32]}", "data.train_subset=256",
+        "data.test_subset=64", "data.batch_size=32", "optim.lr=0.1", "train.progress=false",
+        "engine.threads=1", "engine.timeout=30"]
+
+
+def config(tmp_path: Path, name: str, *extra: str):
+    return load_config(None, [*TINY, f"train.out_dir={tmp_path}", f"train.name={name}", *extra])
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = runs.load_checkpoint(a)["net"], runs.load_checkpoint(b)["net"]
+    assert list(wa) == list(wb)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_spawned_pipeline_trains_like_the_sequential_engine(tmp_path, capsys):
+    """K=3 stages on 2 workers with 2 micro-batches: the same weights as engine=local."""
+    summary, pipe = run(config(tmp_path, "pipe", "split.k=3", "engine=pipeline",
+                               "engine.workers=2", "engine.micro_batches=2", "train.epochs=1"))
+    _, local = run(config(tmp_path, "local", "split.k=3", "engine=local", "train.epochs=1"))
+    assert_same_weights(pipe, local)
+    for f in ("config.yaml", "env.json", "metrics.jsonl", "summary.json", "curves.png",
+              "ranks/rank0.pt", "ranks/rank1.pt"):
+        assert (pipe / f).is_file(), f
+    env = runs.read_metrics(pipe)[0]
+    assert len(env["stage_seconds"]) == 3 and all(0 <= i <= 1 for i in env["stage_idle"])
+    assert summary["threads_per_worker"] == [1, 1] and summary["epochs"] == 1
+    capsys.readouterr()
+    assert main(["eval", str(pipe)]) == 0  # the merged checkpoint needs no distributed set-up
+    assert f"final {summary['final_acc']:.2f} %" in capsys.readouterr().out
+
+
+def test_torchrun_launch_with_two_local_processes(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "locallearn", "train", *TINY, f"train.out_dir={tmp_path}", "train.name=trun",
+           "split.k=2", "engine=pipeline", "engine.workers=2", "train.epochs=1"]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "run folder" in done.stdout
+    _, local = run(config(tmp_path, "local", "split.k=2", "engine=local", "train.epochs=1"))
+    assert_same_weights(tmp_path / "trun", local)
+
+
+def test_a_killed_worker_stops_the_run_and_resume_finishes_it(tmp_path, monkeypatch):
+    cfg = config(tmp_path, "fault", "split.k=2", "engine=pipeline", "engine.workers=2",
+                 "train.epochs=2")
+    monkeypatch.setenv("LOCALLEARN_FAULT", "1:11:exit")  # rank 1, step 4 of epoch 2
+    start = time.monotonic()
+    with pytest.raises(PipelineError, match="rank 1 .*exited with code 13") as err:
+        run(cfg)
+    assert time.monotonic() - start < 90
+    folder = tmp_path / "fault"
+    assert "checkpoint (epoch 1)" in str(err.value) and f"--resume {folder}" in str(err.value)
+    assert runs.load_checkpoint(folder)["epoch"] == 1
+    monkeypatch.delenv("LOCALLEARN_FAULT")
+    summary, _ = run(cfg, resume=folder)
+    assert summary["epochs"] == 2 and [r["epoch"] for r in runs.read_metrics(folder)] == [1, 2]
+    _, local = run(config(tmp_path, "local", "split.k=2", "engine=local", "train.epochs=2"))
+    assert_same_weights(folder, local)  # the resumed run continued exactly where it stopped
