@@ -135,3 +135,29 @@ def test_memory_cuts_with_context_count_the_encoders() -> None:
     with_ctx, without = stage_memory(backbone, cuts, "R1E", 4), stage_memory(backbone, cuts, "none", 4)
     assert with_ctx[0] == without[0] and all(a > b for a, b in zip(with_ctx[1:], without[1:]))
     assert find_cuts_with_context(backbone, 3, "count", mode="R1E") == find_cuts(backbone, 3)
+
+
+def test_recomputed_encoders_train_identically_with_less_saved_memory() -> None:
+    from locallearn.engines import stage_loss
+    from locallearn.measure import SavedTensorsMeter
+
+    x, y = torch.randn(4, *SHAPE), torch.randint(0, 10, (4,))
+    results = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        backbone = build_model("resnet20", SHAPE, 10, width=0.25)
+        net = LocalNet.from_backbone(backbone, 3, head="0c1f", context="R1E",
+                                     context_options={"recompute": recompute})
+        opts = [torch.optim.SGD(s.parameters(), lr=0.1) for s in net.stages]
+        for _ in range(2):
+            LocalEngine().step(net, opts, x, y)
+        floats = [t.clone() for t in [*net.parameters(), *net.buffers()] if t.is_floating_point()]
+        with torch.no_grad():
+            h1 = net.stages[0](x)
+            h2 = net.stages[1](h1, [x, h1])
+        with SavedTensorsMeter(net) as meter:  # the last stage alone: blocks + encoders
+            stage_loss(net.stages[2], net.stages[2](h2, [x, h1, h2]), y).backward()
+        results.append((meter.peak_bytes, floats))
+    (plain_bytes, plain), (lean_bytes, lean) = results
+    assert lean_bytes < plain_bytes
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, lean))  # incl. BN running stats

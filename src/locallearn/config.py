@@ -69,6 +69,7 @@ class ObjectiveConfig:
 @dataclass(frozen=True)
 class ContextConfig:
     name: str = "none"                    # context supply: none, E, R1..Rn, RnE (e.g. R1E)
+    recompute: bool = False               # checkpoint the encoders: keep only their inputs
 
 
 @dataclass(frozen=True)

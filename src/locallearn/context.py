@@ -25,12 +25,20 @@ a pipeline sends only those tensors with the activation (x for ``E``; the n earl
 boundary outputs for ``Rn``). The same hook passes x to a stage's reconstruction
 term (:mod:`locallearn.objectives.reconstruct`) through ``taps``.
 
+Memory: each encoder saves about three tensors of h's size for backward (conv input,
+BN input, ReLU output). With ``recompute=True`` the encoders are checkpointed: only
+their (resized) inputs are kept and the encoder runs again during backward. Their
+BatchNorm then updates its running statistics twice per step with the same batch
+statistics, so its momentum m is set to 1 - sqrt(1 - m), which makes the two updates
+exactly one update with momentum m.
+
 Memory-balanced cuts with context (:func:`find_cuts_with_context`) add each stage's
 encoder activation memory (measured) to the block memory the core balances.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +48,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from locallearn.measure import SavedTensorsMeter
 from locallearn.models.blocks import Activation, Backbone
@@ -131,16 +140,17 @@ class StageContext(nn.Module):
         mode: a context mode (see module doc).
         taps: objects with ``set_target(x)`` that receive the network input each
             forward (the reconstruction term); they are not sub-modules of this one.
+        recompute: checkpoint the encoders (keep only their inputs; see module doc).
 
     Raises:
         ContextError: for a bad mode or non-image shapes.
     """
 
     def __init__(self, stage: int, trail_shapes: Sequence[tuple[int, ...]], mode: str = "none",
-                 taps: Sequence[Any] = ()) -> None:
+                 taps: Sequence[Any] = (), recompute: bool = False) -> None:
         super().__init__()
         parsed = parse_mode(mode)
-        self.stage, self.mode = stage, mode
+        self.stage, self.mode, self.recompute = stage, mode, recompute
         out_shape = tuple(trail_shapes[stage])
         self.sources: list[int] = []
         encoders: list[nn.Module] = []
@@ -155,6 +165,10 @@ class StageContext(nn.Module):
                 encoders.append(BoundaryEncoder(tuple(trail_shapes[j]), out_shape))
         self.encoders = nn.ModuleList(encoders)
         self.taps = list(taps)  # a plain list: the taps belong to the stage's objective
+        if recompute:  # two running-stat updates per step must add up to one
+            for m in self.encoders.modules():
+                if isinstance(m, nn.BatchNorm2d) and m.momentum is not None:
+                    m.momentum = 1.0 - math.sqrt(1.0 - m.momentum)
 
     def needs(self) -> list[int]:
         """Trail indices this stage reads (what must travel with its input in a pipeline)."""
@@ -163,15 +177,17 @@ class StageContext(nn.Module):
     def forward(self, h: Activation, trail: Sequence[Activation]) -> Activation:
         for tap in self.taps:
             tap.set_target(trail[0])
+        again = self.recompute and self.training and torch.is_grad_enabled()
         for j, encoder in zip(self.sources, self.encoders):
-            h = h + encoder(trail[j])
+            c = _resize(trail[j], encoder.size)  # no parameters: outside the checkpoint
+            h = h + (checkpoint(encoder.net, c, use_reentrant=False) if again else encoder.net(c))
         return h
 
 
 def build_context(mode: str, stage: int, trail_shapes: Sequence[tuple[int, ...]],
-                  taps: Sequence[Any] = ()) -> StageContext | None:
+                  taps: Sequence[Any] = (), recompute: bool = False) -> StageContext | None:
     """The :class:`StageContext` of stage ``stage``, or ``None`` when it would do nothing."""
-    ctx = StageContext(stage, trail_shapes, mode, taps)
+    ctx = StageContext(stage, trail_shapes, mode, taps, recompute)
     return ctx if len(ctx.encoders) or ctx.taps else None
 
 

@@ -114,7 +114,8 @@ class LocalNet(nn.Module):
                       predictor: str | None = None, objective_options: dict[str, Any] | None = None,
                       split_batch: int = 32, groups: int = 1,
                       group_options: dict[str, Any] | None = None, context: str = "none",
-                      reconstruct: Sequence[float] = ()) -> "LocalNet":
+                      reconstruct: Sequence[float] = (),
+                      context_options: dict[str, Any] | None = None) -> "LocalNet":
         """Split ``backbone`` into ``k`` stages and give each its local objective.
 
         Args:
@@ -135,6 +136,7 @@ class LocalNet(nn.Module):
                 grouped objectives (:mod:`locallearn.objectives.groups`).
             context: context-supply mode (:mod:`locallearn.context`), e.g. ``R1E``.
             reconstruct: reconstruction weights (:func:`reconstruct_weights`).
+            context_options: options of the context encoders (``recompute``).
         """
         cuts = find_cuts_with_context(backbone, k, by, list(cuts or []), split_batch, context)
         ranges = stage_ranges(cuts, len(backbone))
@@ -161,7 +163,8 @@ class LocalNet(nn.Module):
                                       last=i == k - 1, **opts)
             if recon[i]:
                 obj = ReconstructObjective(obj, out_shape, backbone.shapes[0], recon[i])
-            ctx = build_context(context, i, trail_shapes, taps=[obj] if recon[i] else [])
+            ctx = build_context(context, i, trail_shapes, taps=[obj] if recon[i] else [],
+                                **(context_options or {}))
             pred = None
             if predictor:
                 pred = build_objective("ce", out_shape, backbone.num_classes, head=predictor,

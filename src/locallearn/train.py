@@ -98,7 +98,8 @@ def build_net(cfg: RunConfig, data: DataSplits) -> LocalNet:
         objective_options=dict(o.options), groups=cfg.split.groups,
         group_options={"detach_ratio": o.detach_ratio, "diversity_weight": o.diversity_weight,
                        "temperature": o.diversity_temperature},
-        context=cfg.context.name, reconstruct=list(o.reconstruct))
+        context=cfg.context.name, reconstruct=list(o.reconstruct),
+        context_options={"recompute": cfg.context.recompute})
     if o.difficulty:  # per-stage objective options (a schedule harder with depth)
         apply_difficulty(net, o.name, dict(o.options), dict(o.difficulty), o.head)
     return net
