@@ -185,3 +185,61 @@ def test_every_run_summary_holds_node_costs_and_group_accuracy(tmp_path) -> None
     assert len(summary["nodes"]) == 4 and summary["largest_node_macs"] > 0
     assert summary["total_macs"] == sum(r["macs"] for r in summary["nodes"])
     assert len(summary["group_acc"]) == 2
+
+
+def train_nodes(nodes: list[list], opts: list[list], x: torch.Tensor, y: torch.Tensor) -> None:
+    """One step of every (stage, group) node on its own, as group-parallel ranks would do it.
+
+    Per stage: every node runs on the (detached) gathered input; nodes swap their
+    detached messages (view channels, then logits); each steps its own optimizer.
+    """
+    h = x
+    for stage_nodes, stage_opts in zip(nodes, opts):
+        h = h.detach()  # the boundary: the gathered output of the previous stage's nodes
+        outs = [node(h) for node in stage_nodes]
+        messages = [node.message(o) for node, o in zip(stage_nodes, outs)]
+        results = [node.local_loss(o, y, messages) for node, o in zip(stage_nodes, outs)]
+        sent = [lg.detach() if lg is not None else None for _, lg in results]
+        for node, opt, (loss, logits) in zip(stage_nodes, stage_opts, results):
+            if logits is not None:
+                loss = loss + node.diversity(logits, y, sent)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        h = torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("model,options", [("vgg6a", {"width": 0.125}),
+                                           ("resnet20", {"width": 0.5, "shortcut": "A"}),
+                                           ("resnet20", {"width": 0.5, "shortcut": "B"})])
+def test_group_nodes_trained_apart_match_the_sequential_engine(model: str, options: dict) -> None:
+    from locallearn.engines import LocalEngine
+    from locallearn.groups import group_nodes
+
+    backbone = build_model(model, SHAPE, 10, **options)
+    net = LocalNet.from_backbone(backbone, 2, head="0c1f", groups=2, group_options={
+        "detach_ratio": 0.5, "diversity_weight": 0.5})
+    nodes = [group_nodes(stage) for stage in net.stages]
+    make = lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)  # noqa: E731
+    opts = [make(s.parameters()) for s in net.stages]
+    node_opts = [[make(n.parameters()) for n in stage_nodes] for stage_nodes in nodes]
+    for _ in range(3):
+        x, y = torch.randn(8, *SHAPE), torch.randint(0, 10, (8,))
+        LocalEngine().step(net, opts, x, y)
+        train_nodes(nodes, node_opts, x, y)
+    net.eval()
+    x = torch.randn(4, *SHAPE)
+    h = x
+    for stage, stage_nodes in zip(net.stages, nodes):
+        for n in stage_nodes:
+            n.eval()
+        out = stage(h)
+        gathered = torch.cat([n(h) for n in stage_nodes], dim=1)
+        assert torch.allclose(gathered, out, atol=1e-5)  # weights and BN statistics agree
+        messages = [n.message(o) for n, o in zip(stage_nodes, gathered.chunk(2, dim=1))]
+        for g, n in enumerate(stage_nodes):
+            view = torch.cat([o if j == g else m for j, (o, m) in
+                              enumerate(zip(gathered.chunk(2, dim=1), messages))], dim=1)
+            assert torch.allclose(n.objective.predict(view),
+                                  stage.objective.group_logits(out)[g], atol=1e-5)
+        h = out

@@ -15,6 +15,13 @@ belongs to exactly one group: a (stage, group) *node* is a slice of output chann
 of every layer plus its own head. Doing the rewrite at split time keeps the model
 builders free of cut points and works for any K.
 
+Group nodes (:class:`GroupNode`): node (k, g) as a module of its own, holding copies of
+its slices, so the K x G nodes can live in different places. It maps the full input of
+stage k to group g's output channels; its local loss needs two messages from its
+sibling nodes, both detached: the first channels of their outputs (stop-gradient view)
+and their logits (diversity penalty). The next stage's input is the concatenation of
+the G outputs. Training the nodes apart gives the updates of the whole stage.
+
 Compute accounting (:func:`node_costs`): a node's MACs are its share (1/G) of the
 stage's body, context encoders and shared objective parts, plus its own head. The
 largest node is the critical path when every node has its own device.
@@ -22,6 +29,7 @@ largest node is the critical path when every node has its own device.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +40,10 @@ from locallearn.measure import macs
 from locallearn.models.blocks import first_tensor
 from locallearn.models.layers import ConvBNReLU
 from locallearn.models.resnet import BasicBlock, PadShortcut
-from locallearn.objectives.groups import find_group_objective
+from locallearn.objectives.base import Objective
+from locallearn.objectives.ce import HeadCE
+from locallearn.objectives.diversity import diversity_penalty
+from locallearn.objectives.groups import GroupObjective, find_group_objective, view_width
 
 if TYPE_CHECKING:
     from locallearn.network import LocalNet
@@ -117,6 +128,152 @@ def group_body(blocks: Sequence[nn.Module], groups: int, stage: int = 0,
     for j, block in enumerate(blocks):
         where = f"stage {stage + 1}, block {first_block + j} ({type(block).__name__})"
         _group_block(block, groups, j == 0, where)
+
+
+# -- group nodes: one (stage, group) as a module of its own ------------------------------
+
+def _rows(n: int, groups: int, g: int) -> slice:
+    size = n // groups
+    return slice(g * size, (g + 1) * size)
+
+
+@torch.no_grad()
+def _node_conv(conv: nn.Conv2d, groups: int, g: int) -> nn.Conv2d:
+    """Group g's output rows of ``conv``; it reads every channel if ``conv`` is ungrouped, else group g's."""
+    rows = _rows(conv.out_channels, groups, g)
+    c_in = conv.in_channels if conv.groups == 1 else conv.in_channels // groups
+    new = nn.Conv2d(c_in, rows.stop - rows.start, conv.kernel_size, conv.stride, conv.padding,
+                    bias=conv.bias is not None).to(conv.weight.device)
+    new.weight.copy_(conv.weight[rows])
+    if conv.bias is not None:
+        new.bias.copy_(conv.bias[rows])
+    return new
+
+
+@torch.no_grad()
+def _node_bn(bn: nn.BatchNorm2d, groups: int, g: int) -> nn.BatchNorm2d:
+    rows = _rows(bn.num_features, groups, g)
+    new = nn.BatchNorm2d(rows.stop - rows.start, bn.eps, bn.momentum, bn.affine,
+                         bn.track_running_stats).to(bn.weight.device)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        if getattr(bn, name) is not None:
+            getattr(new, name).copy_(getattr(bn, name)[rows])
+    if bn.num_batches_tracked is not None:
+        new.num_batches_tracked.copy_(bn.num_batches_tracked)
+    return new
+
+
+class _Rows(nn.Module):
+    """``module(x)`` restricted to output channels ``rows`` (a shortcut that reads the stage input)."""
+
+    def __init__(self, module: nn.Module, rows: slice) -> None:
+        super().__init__()
+        self.module, self.rows = module, rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)[:, self.rows]
+
+
+class _NodeBasicBlock(nn.Module):
+    """Group g's slice of a :class:`BasicBlock` (same computation on its channels)."""
+
+    def __init__(self, block: BasicBlock, groups: int, g: int, first: bool) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = _node_conv(block.conv1, groups, g), _node_bn(block.bn1, groups, g)
+        self.conv2, self.bn2 = _node_conv(block.conv2, groups, g), _node_bn(block.bn2, groups, g)
+        sc, rows = block.shortcut, _rows(block.conv2.out_channels, groups, g)
+        self.shortcut: nn.Module
+        if isinstance(sc, nn.Sequential):
+            self.shortcut = nn.Sequential(_node_conv(sc[0], groups, g), _node_bn(sc[1], groups, g))
+        elif isinstance(sc, PadShortcut) and sc.groups == groups:
+            self.shortcut = PadShortcut(sc.extra_channels // groups, sc.stride)
+        else:  # reads the whole stage input: compute it, keep group g's channels
+            self.shortcut = _Rows(copy.deepcopy(sc), rows) if first else nn.Identity()
+
+    forward = BasicBlock.forward
+
+
+def _node_block(block: nn.Module, groups: int, g: int, first: bool) -> nn.Module:
+    if isinstance(block, ConvBNReLU):
+        parts = [_node_conv(block.conv, groups, g), _node_bn(block.bn, groups, g), nn.ReLU()]
+        if hasattr(block, "pool"):
+            parts.append(copy.deepcopy(block.pool))
+        return nn.Sequential(*parts)
+    if isinstance(block, BasicBlock):
+        return _NodeBasicBlock(block, groups, g, first)
+    raise GroupError(f"a {type(block).__name__} cannot be split into group nodes")
+
+
+class GroupNode(nn.Module):
+    """Node (stage, g) of a stage with width groups: its slice of every layer and its head.
+
+    Args:
+        stage: a stage built with width groups (its objective a :class:`GroupObjective`,
+            without context, reconstruction term or predictor, which read the whole map).
+        g: the group (0-based).
+
+    Raises:
+        GroupError: if the stage has no width groups or has a part that is not per group.
+    """
+
+    def __init__(self, stage: nn.Module, g: int) -> None:
+        super().__init__()
+        obj = stage.objective
+        if not isinstance(obj, GroupObjective) or stage.context is not None or stage.predictor:
+            raise GroupError("group nodes need a stage with width groups and no context, "
+                             "reconstruction term or predictor (those read every group)")
+        self.g, self.groups = g, obj.groups
+        self.ratio, self.weight, self.temperature = (obj.detach_ratio, obj.diversity_weight,
+                                                     obj.temperature)
+        self.body = nn.Sequential(*[_node_block(b, obj.groups, g, j == 0)
+                                    for j, b in enumerate(stage.body)])
+        self.objective: Objective = copy.deepcopy(obj.objectives[g])
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Group g's output channels, from the full stage input ``h``."""
+        return self.body(h)
+
+    def message(self, out: torch.Tensor) -> torch.Tensor:
+        """What sibling heads see of this node's output: its first channels, detached."""
+        _, seen = view_width(out.shape[1] * self.groups, self.groups, self.ratio)
+        return out[:, :seen].detach()
+
+    def local_loss(self, out: torch.Tensor, y: torch.Tensor,
+                   messages: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This node's loss on its view, and its logits when the diversity penalty needs them.
+
+        Args:
+            out: this node's output.
+            y: targets.
+            messages: every node's :meth:`message`, in group order (this node's is unused).
+        """
+        parts = [out if j == self.g else m for j, m in enumerate(messages)
+                 if j == self.g or m.shape[1]]
+        view = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        if self.weight > 0 and isinstance(self.objective, HeadCE):
+            logits = self.objective.head(view)
+            return nn.functional.cross_entropy(logits, y), logits
+        logits = self.objective.predict(view) if self.weight > 0 else None
+        return self.objective.loss(view, y), logits
+
+    def diversity(self, logits: torch.Tensor, y: torch.Tensor,
+                  siblings: Sequence[torch.Tensor]) -> torch.Tensor:
+        """This node's share of the stage's diversity penalty, siblings' logits held fixed.
+
+        Its gradient equals that of the stage penalty with respect to this node's logits.
+        """
+        pairs = self.groups * (self.groups - 1) / 2
+        total = sum(diversity_penalty([logits, s.detach()], y, self.temperature)
+                    for j, s in enumerate(siblings) if j != self.g)
+        return self.weight * total / pairs
+
+
+def group_nodes(stage: nn.Module) -> list[GroupNode]:
+    """The G :class:`GroupNode` of a stage with width groups (copies of its slices)."""
+    obj = find_group_objective(stage.objective)
+    if obj is None:
+        raise GroupError("this stage has no width groups (build it with split.groups > 1)")
+    return [GroupNode(stage, g) for g in range(obj.groups)]
 
 
 # -- compute accounting ------------------------------------------------------------------
