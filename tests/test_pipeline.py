@@ -248,6 +248,12 @@ def test_pipelined_evaluation_equals_evaluate():
     assert got == pytest.approx(want)
 
 
+def test_no_ensemble_when_no_stage_can_predict():
+    tallies = [EvalTally(stages=[0]), EvalTally(stages=[1])]
+    tallies[0].n = tallies[1].n = 5
+    assert merge_tallies(tallies, 2)["ens_weighted"] is None
+
+
 def test_workers_other_than_rank_0_hold_no_data():
     from locallearn.data import ArrayData, DataSplits
 

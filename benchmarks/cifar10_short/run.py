@@ -6,7 +6,8 @@ library's own ``locallearn.train.run`` and writes an ordinary run folder under
 table reports final and per-stage test accuracy, wall time and images/s.
 
 Usage: python benchmarks/cifar10_short/run.py [--data-dir ../shared/data] [--epochs 2]
-       [--models vgg6a resnet20] [--engines backprop local2 local4] [--extra key=value ...]
+       [--models vgg6a resnet20] [--engines backprop local2 local4 pipe2 pipe4]
+       [--extra key=value ...]
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ MODELS = {  # reduced widths keep a run within minutes on one core; heads as in 
     "resnet20": ["model=resnet20", "model.options={width: 0.5}", "objective.head=0c1f"],
 }
 ENGINES = {"backprop": ["engine=backprop", "split.k=4"], "local2": ["engine=local", "split.k=2"],
-           "local4": ["engine=local", "split.k=4"]}
+           "local4": ["engine=local", "split.k=4"],
+           # the same updates as local2 / local4, on 2 worker processes x --threads threads
+           "pipe2": ["engine=pipeline", "split.k=2", "engine.workers=2"],
+           "pipe4": ["engine=pipeline", "split.k=4", "engine.workers=2"]}
 
 
 def main() -> None:

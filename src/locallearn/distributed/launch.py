@@ -112,7 +112,7 @@ def spawn_workers(cfg: RunConfig, resume: str | Path | None, run_dir: Path,
     world = cfg.engine.workers
     init = f"tcp://127.0.0.1:{free_port()}"
     reports = Path(tempfile.mkdtemp(prefix="locallearn-ranks-"))
-    ctx = _context()
+    ctx = worker_context()
     procs = [ctx.Process(target=_spawned_worker, name=f"locallearn-rank{r}",
                          args=(WorkerEnv(r, world, r, world, init), cfg, resume, str(run_dir),
                                str(reports), dict(os.environ)))
@@ -134,7 +134,7 @@ def spawn_workers(cfg: RunConfig, resume: str | Path | None, run_dir: Path,
         raise PipelineError(describe_failure(codes, died, stopped, found, cfg, run_dir))
 
 
-def _context() -> Any:
+def worker_context() -> Any:
     """Processes forked from a server that has imported torch and locallearn once.
 
     Starting a worker then costs milliseconds instead of seconds of imports (the
@@ -349,8 +349,7 @@ def build_trainer(setup: Setup, data: Any, env: WorkerEnv, device: torch.device,
               if env.rank < env.world - 1 else None)
     needs = {j for k in range(mine.stop, net.k) for j in net.needs(k)} if net.needs_trail else set()
     engine = PipelineEngine(mine, inbox, outbox, e.micro_batches, sorted(needs), device)
-    session = Session(env.rank, env.world, device, threads, backend, control, ranges,
-                      e.queue, e.timeout)
+    session = Session(env.rank, env.world, device, threads, backend, control, ranges)
     return PipelineTrainer(net, data, cfg, Path(setup.run_dir), session, engine)
 
 

@@ -31,11 +31,12 @@ import torch
 from tqdm import tqdm
 
 from locallearn import runs
-from locallearn.config import RunConfig, to_dict
+from locallearn.config import ConfigError, RunConfig, to_dict
 from locallearn.data import ArrayData, DataSplits
 from locallearn.distributed.comm import Control
 from locallearn.engines.pipeline import EvalTally, PipelineEngine, merge_tallies
 from locallearn.measure import SavedTensorsMeter, cuda_peak_bytes, peak_rss_bytes
+from locallearn.probe import is_self_supervised, probe_net, record_probe
 from locallearn.train import Trainer, TrainingError, build_data, resolve_run, split_cuts
 
 FAULT_ENV = "LOCALLEARN_FAULT"  # tests: "rank:step:kind" with kind exit, raise or hang
@@ -54,8 +55,6 @@ class Session:
     backend: str
     control: Control
     ranges: list[range]          # the stages of every rank
-    queue: int = 2
-    timeout: float = 300.0
 
     @property
     def first(self) -> bool:
@@ -82,8 +81,12 @@ def prepare(cfg: RunConfig, resume: str | Path | None, run_dir: Path | None) -> 
     """Rank 0: resolve the run, load the data, fix the split; what every rank needs to start."""
     if run_dir is None:  # under torchrun rank 0 makes the run folder
         cfg, run_dir = resolve_run(cfg, resume)
+    if cfg.engine.name != "pipeline":
+        raise ConfigError(f"workers started by torchrun run engine=pipeline, not {cfg.engine.name}")
     torch.manual_seed(cfg.train.seed)  # the same order of random draws as `train.run`
     data = build_data(cfg)
+    if "vocab" in data.meta:  # text: the encoder fitted on the train split, as `train.run` saves
+        runs.write_json(Path(run_dir) / "vocab.json", data.meta["vocab"])
     rng = torch.get_rng_state()
     if cfg.split.by in MEASURED_SPLITS and not cfg.split.cuts:
         cfg = dataclasses.replace(cfg, split=dataclasses.replace(
@@ -251,14 +254,22 @@ class PipelineTrainer(Trainer):
                 self._log(row)
             self.record(row)
         self.engine.close()
-        rss = s.control.gather(peak_rss_bytes())
-        if rss is None:
+        seconds = time.perf_counter() - start
+        final = s.control.gather((self.shard_state(), peak_rss_bytes()))
+        if final is None:
             return {}
-        out = self.summary(time.perf_counter() - start)
+        # rank 0 takes every rank's trained stages: summaries and probes see the whole net
+        self.net.load_state_dict(self.merged_state([f[0] for f in final])["net"])
+        rss = [f[1] for f in final]
+        out = self.summary(seconds)
         eff = [r["pipeline_efficiency"] for r in self.history if "pipeline_efficiency" in r]
         out.update(peak_rss=max(rss), workers=s.world, backend=s.backend,
                    threads_per_worker=[r["threads"] for r in ranks or []],
                    pipeline_efficiency=sum(eff) / len(eff) if eff else None)
+        if is_self_supervised(self.net) and self.run_dir is not None:  # as `train.run` does
+            result = probe_net(self.net, self.data, device=self.device)
+            out.update(result)
+            record_probe(self.run_dir, result)
         if self.run_dir is not None:
             runs.write_json(self.run_dir / "summary.json", out)
         return out
@@ -334,6 +345,7 @@ class PipelineTrainer(Trainer):
             self.generator.set_state(merged["generator"])
             self.history = list(merged["history"])
             runs.truncate_metrics(self.folder, epoch)
+            runs.save_config(self.folder, self.run_cfg)  # train.epochs may have been raised
         self.epoch = epoch
 
     def _own_shard(self, epoch: int) -> dict[str, Any] | None:

@@ -85,8 +85,10 @@ def merge_tallies(tallies: Sequence[EvalTally], k: int) -> dict[str, Any]:
             acc[s] = pct(t.correct[s]) if s in t.correct else None
         for s, counts in t.groups.items():
             groups[s] = [pct(c) for c in counts]
+    any_predicts = any(a is not None for a in acc)  # else (self-supervised) no ensemble
     out: dict[str, Any] = {"stage_acc": acc, "final_acc": acc[-1], "n": n,
-                           **{key: pct(v) for key, v in tallies[-1].ensembles.items()}}
+                           **{key: pct(v) if any_predicts else None
+                              for key, v in tallies[-1].ensembles.items()}}
     if any(g is not None for g in groups):
         out["group_acc"] = groups
     return out
@@ -257,6 +259,8 @@ class PipelineEngine:
         if self.outbox is not None:
             self.outbox.put(Packet(EVAL, h, y, self._trail_out(trail), [ens_u, ens_w, weights],
                                    p.total))
+            return
+        if float(weights[0]) == 0:  # no stage can predict: no ensemble
             return
         for key, acc, w in (("ens_uniform", ens_u, weights[0]), ("ens_weighted", ens_w, weights[1])):
             tally.ensembles[key] += int(((acc / float(w)).argmax(1) == y).sum())
