@@ -1,7 +1,6 @@
 """Dynamic layer accumulation: schedules, the local engine growing the net, the run log."""
 
 import copy
-import importlib.util
 import math
 
 import pytest
@@ -106,9 +105,57 @@ def test_a_shrinking_run_stops_the_shallow_stages(tiny_cfg, tmp_path):
     assert rows[1]["train_macs_fraction"] < 1.0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("locallearn.engines.pipeline") is None,
-                    reason="the pipeline engine (engines/pipeline.py) is not there yet")
-def test_the_pipeline_engine_has_the_active_attribute():
-    from locallearn.engines import build_engine
+def test_the_pipeline_engine_reads_the_same_active_set():
+    from locallearn.engines.pipeline import PipelineEngine
 
-    assert hasattr(build_engine("pipeline"), "active")
+    net, engine = _net(), PipelineEngine(range(0, 3))
+    assert engine.active is None and engine.depth(net) == 3
+    engine.active = {0}  # what the trainer sets from the schedule, on every rank
+    assert engine.depth(net) == 1
+
+
+@pytest.mark.slow
+def test_a_growing_pipeline_run_logs_the_stages(tiny_cfg, tmp_path):
+    """Real worker processes (about a minute on a busy machine): run with -m slow."""
+    cfg = load_config(None, tiny_cfg + ["split.k=3", "model.options={hidden: [32, 32, 32]}",
+                                        "train.epochs=3", "train.accumulate=grow",
+                                        "train.triggers=[1, 2]", "train.name=gp",
+                                        "engine=pipeline", "engine.workers=2"])
+    run(cfg)
+    rows = runs.read_metrics(tmp_path / "gp")
+    assert [r["stages_trained"] for r in rows] == [[1], [1, 2], [1, 2, 3]]
+    assert [math.isnan(v) for v in rows[0]["train_loss"]] == [False, True, True]
+    assert rows[0]["train_macs_fraction"] < rows[1]["train_macs_fraction"] < 1.0
+
+
+def _lrs(start: int, steps: int = 30, per_epoch: int = 10, run: int = 30):
+    """LRs of a cosine schedule over ``steps`` delayed to epoch ``start``, stepped ``run`` times."""
+    from locallearn.accumulate import delay_lr_schedules
+    from locallearn.optim import build_scheduler
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = build_scheduler(opt, steps, "cosine", min_factor=0.01)
+    delay_lr_schedules([sched], StageSchedule((start,), (None,)), per_epoch, steps)
+    lrs = []
+    for _ in range(run):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs, sched
+
+
+def test_a_late_stage_gets_the_whole_lr_schedule_in_its_own_epochs():
+    run_lrs, _ = _lrs(0)
+    late, _ = _lrs(2)  # joins after 2 of 3 epochs: the cosine squeezed into the last 10 steps
+    assert late[:21] == pytest.approx([1.0] * 21)
+    assert late[20:] == pytest.approx(run_lrs[::3][:10], abs=1e-9)
+    assert late[-1] < 0.05
+
+
+def test_delayed_schedules_survive_a_checkpoint():
+    _, sched = _lrs(1, run=25)
+    fresh_lrs, fresh = _lrs(1, run=0)  # rebuilt as the trainer does, then restored
+    fresh.load_state_dict(sched.state_dict())
+    assert fresh.get_last_lr() == pytest.approx(sched.get_last_lr())
+    assert fresh.lr_lambdas[0](27) == pytest.approx(sched.lr_lambdas[0](27))

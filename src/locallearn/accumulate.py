@@ -29,11 +29,12 @@ fraction is relative to training every stage.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from locallearn.config import ConfigError, RunConfig
 from locallearn.engines.base import stage_loss
@@ -112,6 +113,34 @@ def check_config(cfg: RunConfig) -> None:
     if cfg.train.accumulate != "none" and cfg.engine.name not in SCHEDULED_ENGINES:
         raise ConfigError(f"train.accumulate={cfg.train.accumulate} needs engine "
                           f"{' or '.join(SCHEDULED_ENGINES)}, not {cfg.engine.name}")
+
+
+def delay_lr_schedules(schedulers: Sequence[LambdaLR], schedule: StageSchedule,
+                       steps_per_epoch: int, total_steps: int) -> None:
+    """Fit each stage's LR schedule into the epochs from its start to the end of the run.
+
+    A stage that joins late would otherwise start at the tail of a decayed schedule:
+    its schedule is the run's, compressed in time into its own span (and flat at the
+    start value before it). The schedulers still step every step, so checkpoints and
+    resume are unchanged.
+    """
+    for sched, start in zip(schedulers, schedule.start):
+        offset = start * steps_per_epoch
+        if offset == 0:
+            continue
+        sched.lr_lambdas = [_compressed(sched.lr_lambdas[0], offset, total_steps)]
+        for group, base in zip(sched.optimizer.param_groups, sched.base_lrs):
+            group["lr"] = base * sched.lr_lambdas[0](sched.last_epoch)
+
+
+def _compressed(factor: Callable[[int], float], offset: int, total: int) -> Callable[[int], float]:
+    """``factor`` over ``total`` steps, squeezed into the steps from ``offset`` to ``total``."""
+    span = max(1, total - offset)
+
+    def shifted(step: int) -> float:
+        return factor(max(0, step - offset) * total // span)
+
+    return shifted
 
 
 @torch.no_grad()

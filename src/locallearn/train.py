@@ -18,7 +18,12 @@ import torch
 from tqdm import tqdm
 
 from locallearn import runs
-from locallearn.accumulate import build_schedule, compute_fraction, stage_train_costs
+from locallearn.accumulate import (
+    build_schedule,
+    compute_fraction,
+    delay_lr_schedules,
+    stage_train_costs,
+)
 from locallearn.config import RunConfig, to_dict
 from locallearn.context import find_cuts_with_context
 from locallearn.data import DataSplits, batches, load_data
@@ -166,6 +171,8 @@ class Trainer:
         self.schedule = build_schedule(cfg.train.accumulate, cfg.train.triggers, net.k,
                                        cfg.train.epochs)
         self._train_costs: list[tuple[int, int]] | None = None  # MACs per stage, for the log
+        if self.schedule is not None:  # a stage that joins late gets a whole LR schedule
+            delay_lr_schedules(self.schedulers, self.schedule, self.steps_per_epoch, total)
 
     # -- data ------------------------------------------------------------------------
     def train_batches(self):
