@@ -11,6 +11,7 @@ import torch
 from locallearn.cli import main
 from locallearn.engines import MultiExitEngine, build_engine, stage_loss
 from locallearn.exits import (
+    ExitCosts,
     collect_stage_logits,
     confidence,
     early_exit_predict,
@@ -180,3 +181,15 @@ def test_multiexit_with_only_the_last_exit_weighted_is_plain_backprop():
         engine.step(net, opts, x, y)
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb)
+
+
+def test_auto_thresholds_fill_the_curve_between_its_ends():
+    from locallearn.exits import auto_thresholds, exit_curve
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (200,), generator=g)
+    logits = [0.5 * torch.randn(200, 3, generator=g) for _ in range(3)]  # rarely confident
+    costs = ExitCosts((10, 10, 10), (1, 1, 1))
+    assert len(auto_thresholds(logits)) > 20
+    shares = [p["exit_share"][0] for p in exit_curve(logits, y, costs)["curve"]]
+    assert sum(0.2 < s < 0.8 for s in shares) >= 5

@@ -149,6 +149,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--fresh", action="store_true",
                    help="forget earlier results (default: rerun methods replace their rows)")
+    p.add_argument("--exit-only", action="store_true",
+                   help="no training: recompute the early-exit curves of the saved runs")
     a = p.parse_args()
 
     import torch
@@ -159,7 +161,7 @@ def main() -> None:
     store = HERE / "results_runs.json"
     done = {} if a.fresh or not store.is_file() else {
         r["method"]: r for r in json.loads(store.read_text())}
-    for method in a.methods:
+    for method in [] if a.exit_only else a.methods:
         print(f"== {method}", flush=True)
         try:
             r = _train(a, method)
@@ -170,6 +172,11 @@ def main() -> None:
               f"{r['train_seconds']:.0f} s", flush=True)
         store.write_text(json.dumps(list(done.values()), indent=1, default=float))
     results = [done[m] for m in METHODS if m in done]
+    if a.exit_only:
+        for r in results:
+            if "error" not in r:
+                r["exit"] = _exit_report(HERE / "runs" / (r.get("name") or r["method"]), a.data_dir)
+        store.write_text(json.dumps(results, indent=1, default=float))
     main_rows, exit_rows = _tables(results)
     meta = {"budget": f"{a.epochs} epochs of the first {a.train_subset} CIFAR-10 training images "
                       f"(JPEG copy in ../shared/data), tested on the first {a.test_subset} test "
@@ -179,7 +186,7 @@ def main() -> None:
                        f"(shared with other work while measured), torch threads {a.threads}",
             "command": "python benchmarks/scpl_cifar10/run.py " + " ".join(
                 f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items()
-                if k not in ("data_dir", "methods", "fresh")) + " --methods " + " ".join(a.methods)}
+                if k not in ("data_dir", "methods", "fresh", "exit_only")) + " --methods " + " ".join(a.methods)}
     print(write_results(HERE, "results", ["method", "engine", "final acc %", "stage acc %",
                                           "train s", "images/s", "train MACs %", "note"],
                         main_rows, meta))

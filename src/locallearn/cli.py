@@ -64,7 +64,7 @@ def _eval_exits(args: argparse.Namespace, net: Any, test_batches: Callable[[], A
     from locallearn import exits
 
     run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
-    thresholds = [args.threshold] if args.threshold is not None and not args.exit else exits.THRESHOLDS
+    thresholds = [args.threshold] if args.threshold is not None and not args.exit else None
     if args.exit_stage:
         exits.forward_shortcut(net, next(iter(test_batches()))[0][:1], args.exit_stage)  # checks
     report = exits.early_exit_report(net, test_batches(), thresholds=thresholds, kind=args.confidence,

@@ -246,15 +246,32 @@ def threshold_exit(logits: Sequence[torch.Tensor | None], y: torch.Tensor, costs
             "macs_fraction": spent.mean().item() / costs.full, "exit_share": share}
 
 
+def auto_thresholds(logits: Sequence[torch.Tensor | None], kind: str = "max") -> list[float]:
+    """:data:`THRESHOLDS` plus the 5%, 10%, ..., 95% quantiles of the early exits' confidences.
+
+    A briefly trained net is rarely confident, so a fixed grid can jump from "everyone
+    leaves" to "no one leaves"; quantiles of the observed confidences fill the gap.
+    """
+    early = [lg for lg in logits[:-1] if lg is not None]
+    if not early:
+        return list(THRESHOLDS)
+    conf = torch.cat([confidence(lg, kind) for lg in early])
+    quantiles = torch.quantile(conf, torch.linspace(0.05, 0.95, 19)).tolist()
+    return sorted({*THRESHOLDS, *(round(q, 4) for q in quantiles)})
+
+
 def exit_curve(logits: Sequence[torch.Tensor | None], y: torch.Tensor, costs: ExitCosts,
-               thresholds: Sequence[float] = THRESHOLDS, kind: str = "max") -> dict[str, Any]:
+               thresholds: Sequence[float] | None = None, kind: str = "max") -> dict[str, Any]:
     """Accuracy against compute: every fixed shortcut and early exit at every threshold.
 
+    ``thresholds`` default to :func:`auto_thresholds`.
     ``best_within_1pt`` is the cheapest early-exit point within one point of the full
     network's accuracy (``None`` if there is none).
     """
     full = fixed_exit(logits, y, costs, len(logits))["acc"]
     fixed = [fixed_exit(logits, y, costs, k + 1) for k, lg in enumerate(logits) if lg is not None]
+    if thresholds is None:
+        thresholds = auto_thresholds(logits, kind)
     curve = [threshold_exit(logits, y, costs, t, kind) for t in thresholds]
     ok = [p for p in curve if p["acc"] >= full - 1.0]
     best = min(ok, key=lambda p: p["macs_fraction"]) if ok else None
@@ -289,7 +306,7 @@ def plot_exit_curve(report: dict[str, Any], path: Path) -> None:
 
 
 def early_exit_report(net: LocalNet, batches: Iterable[tuple[Activation, torch.Tensor]], *,
-                      thresholds: Sequence[float] = THRESHOLDS, kind: str = "max",
+                      thresholds: Sequence[float] | None = None, kind: str = "max",
                       out_dir: Path | None = None) -> dict[str, Any]:
     """Collect logits, measure costs and compute the exit curve; write
     ``exit_curve.json`` and ``exit_curve.png`` into ``out_dir`` if given.
