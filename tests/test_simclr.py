@@ -197,3 +197,27 @@ def test_end_to_end_baseline_trains_early_stages_only_through_the_last_loss():
     assert any(n.startswith("stages.0.body") for n in changed)  # BP reaches stage 1's body
     assert not any(n.startswith("stages.0.objective") for n in changed)  # its projector is idle
     assert any(n.startswith("stages.1.objective") for n in changed)
+
+
+def test_pipeline_with_nt_xent_equals_the_sequential_engine():
+    import copy
+
+    from test_pipeline import pipeline_step, ranks  # the in-memory ranks of the pipeline tests
+
+    a = _simclr_net(2)
+    b = copy.deepcopy(a)
+    oa, ob = ([build_optimizer(s.parameters(), "adam", 0.01) for s in n.stages] for n in (a, b))
+    engines = ranks(b, 2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x, y = torch.randn(8, 1, 4, 4, generator=g), torch.zeros(8, dtype=torch.long)
+        assert pipeline_step(engines, b, ob, x, y) == pytest.approx(LocalEngine().step(a, oa, x, y))
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb)
+
+
+def test_micro_batches_are_refused_for_nt_xent():
+    from locallearn.config import ConfigError
+
+    with pytest.raises(ConfigError, match="micro_batches=1"):
+        load_config(None, ["objective=simclr", "engine=pipeline", "engine.micro_batches=2"])

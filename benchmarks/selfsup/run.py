@@ -60,6 +60,17 @@ def flow(d: dict) -> str:
     return json.dumps(d)
 
 
+def overrides(name: str, engine: str, k: int, scheduled: bool, args: argparse.Namespace) -> list[str]:
+    """The dotted overrides of one run: the shared budget plus what the run varies."""
+    out = BUDGET + [
+        f"data.data_dir={DATA}", f"data.train_subset={args.train_subset}",
+        f"data.test_subset={args.test_subset}", f"train.epochs={args.epochs}",
+        f"engine={engine}", "engine.aux_heads=false", f"split.k={k}", "objective=simclr",
+        f"objective.options={flow(CONSTANT)}", f"train.out_dir={args.out}", f"train.name={name}",
+    ]
+    return out + ([f"objective.difficulty={flow(SCHEDULE)}"] if scheduled else [])
+
+
 def run_one(name: str, engine: str, k: int, scheduled: bool, args: argparse.Namespace) -> dict:
     """Train (or reuse) one run and return its summary with the probe figures."""
     from locallearn.config import load_config
@@ -70,16 +81,26 @@ def run_one(name: str, engine: str, k: int, scheduled: bool, args: argparse.Name
         summary = json.loads((folder / "summary.json").read_text())
         if "probe_acc" in summary:
             return summary
-    overrides = BUDGET + [
-        f"data.data_dir={DATA}", f"data.train_subset={args.train_subset}",
-        f"data.test_subset={args.test_subset}", f"train.epochs={args.epochs}",
-        f"engine={engine}", "engine.aux_heads=false", f"split.k={k}", "objective=simclr",
-        f"objective.options={flow(CONSTANT)}", f"train.out_dir={args.out}", f"train.name={name}",
-    ]
-    if scheduled:
-        overrides.append(f"objective.difficulty={flow(SCHEDULE)}")
-    summary, _ = run(load_config(None, overrides))
+    summary, _ = run(load_config(None, overrides(name, engine, k, scheduled, args)))
     return summary
+
+
+def random_init(args: argparse.Namespace) -> dict:
+    """Probe figures of the untrained net (K=4 cuts): the floor that training must beat."""
+    from locallearn.config import load_config
+    from locallearn.probe import probe_net
+    from locallearn.train import build_data, build_net
+
+    path = Path(args.out) / "random-init.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    cfg = load_config(None, overrides("random-init", "local", 4, False, args))
+    torch.manual_seed(cfg.train.seed)
+    data = build_data(cfg)
+    result = {"k": 4, "train_seconds": 0.0, **probe_net(build_net(cfg, data), data)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    return result
 
 
 def table(results: dict[str, dict]) -> str:
@@ -91,6 +112,11 @@ def table(results: dict[str, dict]) -> str:
         rank = " / ".join(f"{r:.1f}" for r in s["effective_rank"])
         lines.append(f"| {name} | {s['k']} | {acc} | {rank} | {s['train_seconds']:.0f} |")
     return "\n".join(lines)
+
+
+def at_k2(r: dict) -> dict:
+    """A K=4 result read at the K=2 boundaries (the count split's cuts are [2] and [1, 2, 3])."""
+    return {**r, "k": 2, "probe_acc": r["probe_acc"][1::2], "effective_rank": r["effective_rank"][1::2]}
 
 
 def goal(results: dict[str, dict]) -> dict:
@@ -117,13 +143,16 @@ def main() -> None:
         print(f"{name}: probe {' / '.join(f'{v:.1f}' for v in results[name]['probe_acc'])}, "
               f"rank {' / '.join(f'{v:.1f}' for v in results[name]['effective_rank'])} "
               f"({time.perf_counter() - t:.0f} s)", flush=True)
-    e2e = results["e2e"]  # the K=2 boundaries of the K=4 count split are stages 2 and 4
-    results = {"e2e-k2": {**e2e, "k": 2, "probe_acc": e2e["probe_acc"][1::2],
-                          "effective_rank": e2e["effective_rank"][1::2]},
-               **{n: r for n, r in results.items() if n != "e2e"}, "e2e-k4": e2e}
+    e2e, rnd = results["e2e"], random_init(a)
+    results = {"random-init-k2": at_k2(rnd), "e2e-k2": at_k2(e2e),
+               **{n: r for n, r in results.items() if n != "e2e"}, "e2e-k4": e2e,
+               "random-init-k4": rnd}
     out = {"budget": BUDGET, "constant": CONSTANT, "schedule": SCHEDULE, "epochs": a.epochs,
            "train_subset": a.train_subset, "test_subset": a.test_subset,
-           "threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - start,
+           "threads": torch.get_num_threads(),
+           "train_seconds_total": sum(r["train_seconds"] for n, r in results.items()
+                                      if not n.endswith("-k2") or not n.startswith(("e2e", "random"))),
+           "wall_seconds_this_call": time.perf_counter() - start,  # finished runs are reused
            "results": {n: {k: r[k] for k in ("k", "probe_acc", "effective_rank", "train_seconds")}
                        for n, r in results.items()},
            "goal": goal({"e2e": e2e, **results})}

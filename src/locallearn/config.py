@@ -206,6 +206,9 @@ def validate(cfg: RunConfig) -> None:
         from locallearn.difficulty import check_config as check_difficulty
 
         check_difficulty(cfg)
+    if cfg.objective.name == "simclr" and cfg.engine.micro_batches > 1:
+        raise ConfigError("objective=simclr pairs the two halves of a batch ([view1; view2]); "
+                          "micro-batches would split the pairs: set engine.micro_batches=1")
     if cfg.objective.heads and len(cfg.objective.heads) != cfg.split.k:
         raise ConfigError(f"objective.heads lists {len(cfg.objective.heads)} heads but "
                           f"split.k={cfg.split.k}")
