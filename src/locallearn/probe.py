@@ -124,11 +124,11 @@ def probe_net(net: Any, data: DataSplits, *, grid: int = 2, batch_size: int = 50
         ``{"probe_acc": [...], "effective_rank": [...], "feature_dim": [...], "grid",
         "n_train", "n_test", "weight_decay"}`` with one value per stage.
     """
-    norm = {"mean": data.meta.get("mean"), "std": data.meta.get("std")}
-    train_f, train_y = stage_features(net, batches(data.train, batch_size, shuffle=False,
-                                                   generator=None, device=device, **norm), grid)
-    test_f, test_y = stage_features(net, batches(data.test, batch_size, shuffle=False,
-                                                 generator=None, device=device, **norm), grid)
+    mean, std = data.meta.get("mean"), data.meta.get("std")
+    train_f, train_y = stage_features(net, batches(data.train, batch_size, shuffle=False, generator=None,
+                                                   device=device, mean=mean, std=std), grid)
+    test_f, test_y = stage_features(net, batches(data.test, batch_size, shuffle=False, generator=None,
+                                                 device=device, mean=mean, std=std), grid)
     acc = [probe_accuracy((a, train_y), (b, test_y), data.num_classes, weight_decay, max_iter)
            for a, b in zip(train_f, test_f)]
     return {"probe_acc": acc, "effective_rank": [effective_rank(f) for f in train_f],
