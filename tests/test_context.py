@@ -11,7 +11,6 @@ from locallearn.config import ConfigError, load_config
 from locallearn.context import (
     ContextError,
     StageContext,
-    balanced_cuts_with_start_costs,
     build_context,
     find_cuts_with_context,
     parse_mode,
@@ -116,7 +115,7 @@ def test_context_needs_image_activations() -> None:
 def test_start_cost_balancing_is_exact_on_small_cases() -> None:
     gen = torch.Generator().manual_seed(3)
     costs = torch.rand(7, generator=gen).tolist()
-    assert balanced_cuts_with_start_costs(costs, [0.0] * 7, 3) == balanced_cuts(costs, 3)
+    assert balanced_cuts(costs, 3, start_costs=[0.0] * 7) == balanced_cuts(costs, 3)
     start = [0.0, *torch.rand(6, generator=gen).tolist()]
 
     def worst(cuts: tuple[int, ...]) -> float:
@@ -124,7 +123,7 @@ def test_start_cost_balancing_is_exact_on_small_cases() -> None:
         return max(sum(costs[a:b]) + start[a] for a, b in zip(edges, edges[1:]))
 
     best = min(worst(c) for c in itertools.combinations(range(1, 7), 2))
-    assert worst(tuple(balanced_cuts_with_start_costs(costs, start, 3))) == pytest.approx(best)
+    assert worst(tuple(balanced_cuts(costs, 3, start_costs=start))) == pytest.approx(best)
 
 
 def test_memory_cuts_with_context_count_the_encoders() -> None:

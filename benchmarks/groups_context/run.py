@@ -31,7 +31,6 @@ import torch
 
 from locallearn.config import load_config
 from locallearn.context import (
-    balanced_cuts_with_start_costs,
     encoder_memory,
 )
 from locallearn.data import load_data
@@ -108,7 +107,7 @@ def cuts_table(batch: int = 32) -> list[dict[str, Any]]:
             start = [encoder_memory(backbone, mode, i, batch) for i in range(len(costs))]
             for k in (2, 4, 8, 16):
                 cuts = (balanced_cuts(costs, k) if mode == "none"
-                        else balanced_cuts_with_start_costs(costs, start, k))
+                        else balanced_cuts(costs, k, start_costs=start))
                 edges = [0, *cuts, len(costs)]
                 per_stage = [sum(costs[a:b]) + start[a] for a, b in zip(edges, edges[1:])]
                 rows.append({"model": model, "mode": mode, "k": k, "cuts": cuts,

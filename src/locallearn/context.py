@@ -42,7 +42,6 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 import torch
@@ -52,7 +51,7 @@ from torch.utils.checkpoint import checkpoint
 
 from locallearn.measure import SavedTensorsMeter
 from locallearn.models.blocks import Activation, Backbone
-from locallearn.split import block_costs, check_k, find_cuts
+from locallearn.split import balanced_cuts, block_costs, find_cuts
 
 MODE_PATTERN = re.compile(r"none|E|R([1-9][0-9]*)(E?)")
 
@@ -213,33 +212,6 @@ def encoder_memory(backbone: Backbone, mode: str, block: int, batch: int = 32) -
     return float(meter.peak_bytes)
 
 
-def balanced_cuts_with_start_costs(costs: Sequence[float], start_costs: Sequence[float],
-                                   k: int) -> list[int]:
-    """Like :func:`locallearn.split.balanced_cuts`, where a stage starting at block i also pays ``start_costs[i]``.
-
-    Raises:
-        ValueError: if ``k`` is not between 1 and ``len(costs)``.
-    """
-    n = len(costs)
-    check_k(k, n)
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-
-    @cache
-    def best(start: int, parts: int) -> tuple[float, tuple[int, ...]]:
-        own = start_costs[start]
-        if parts == 1:
-            return prefix[n] - prefix[start] + own, ()
-        options = []
-        for cut in range(start + 1, n - parts + 2):
-            rest, cuts = best(cut, parts - 1)
-            options.append((max(prefix[cut] - prefix[start] + own, rest), (cut, *cuts)))
-        return min(options)
-
-    return list(best(0, k)[1])
-
-
 def find_cuts_with_context(backbone: Backbone, k: int, by: str = "count",
                            cuts: Sequence[int] | None = None, batch: int = 32,
                            mode: str = "none") -> list[int]:
@@ -248,7 +220,7 @@ def find_cuts_with_context(backbone: Backbone, k: int, by: str = "count",
         return find_cuts(backbone, k, by, list(cuts or []), batch)
     costs = block_costs(backbone, "memory", batch)
     start = [encoder_memory(backbone, mode, i, batch) for i in range(len(costs))]
-    return balanced_cuts_with_start_costs(costs, start, k)
+    return balanced_cuts(costs, k, start_costs=start)
 
 
 def stage_memory(backbone: Backbone, cuts: Sequence[int], mode: str = "none",

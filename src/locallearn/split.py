@@ -126,11 +126,12 @@ def head_costs(backbone: Backbone, make_head: HeadBuilder, batch: int = 32,
     return costs
 
 
-def balanced_cuts(costs: Sequence[float], k: int,
-                  end_costs: Sequence[float] | None = None) -> list[int]:
+def balanced_cuts(costs: Sequence[float], k: int, end_costs: Sequence[float] | None = None,
+                  start_costs: Sequence[float] | None = None) -> list[int]:
     """Cut indices of the contiguous K-partition of ``costs`` with the smallest maximum part.
 
-    A part that ends at block i also pays ``end_costs[i]`` (e.g. its head), if given.
+    A part that ends at block i also pays ``end_costs[i]`` (e.g. its head), and a part
+    that starts at block i pays ``start_costs[i]`` (e.g. its context encoders), if given.
 
     Raises:
         ValueError: if ``k`` is not between 1 and ``len(costs)``.
@@ -141,9 +142,10 @@ def balanced_cuts(costs: Sequence[float], k: int,
     for c in costs:
         prefix.append(prefix[-1] + c)
     ends = list(end_costs) if end_costs is not None else [0.0] * n
+    starts = list(start_costs) if start_costs is not None else [0.0] * n
 
     def part(start: int, stop: int) -> float:
-        return prefix[stop] - prefix[start] + ends[stop - 1]
+        return prefix[stop] - prefix[start] + ends[stop - 1] + starts[start]
 
     @cache
     def best(start: int, parts: int) -> tuple[float, tuple[int, ...]]:
