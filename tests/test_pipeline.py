@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from locallearn.config import ConfigError, load_config
-from locallearn.distributed.launch import root_cause
+from locallearn.distributed.faults import root_cause
 from locallearn.distributed.wire import EVAL, STOP, TRAIN, Layout, Packet, WireError, encode
 from locallearn.distributed.worker import data_spec, placeholder_data
 from locallearn.engines import LocalEngine

@@ -16,7 +16,7 @@ import torch
 from locallearn import runs
 from locallearn.cli import main
 from locallearn.config import load_config
-from locallearn.distributed.launch import PipelineError
+from locallearn.distributed.faults import PipelineError
 from locallearn.train import run
 
 torch.set_num_threads(1)

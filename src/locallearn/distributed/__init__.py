@@ -5,6 +5,7 @@
 ``comm``        point-to-point links (bounded async queues) and collectives
 ``worker``      one worker: set-up from rank 0, epochs, metrics, checkpoints
 ``launch``      spawning the workers on this machine, or joining torchrun
+``faults``      failure reports of workers and the rank the launcher blames
 =============  ==============================================================
 
 The engine itself (what one rank does per batch) is

@@ -24,10 +24,8 @@ dead or frozen peer.
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing.connection
 import os
-import signal
 import socket
 import sys
 import tempfile
@@ -45,17 +43,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tqdm import tqdm
 
-from locallearn import runs
 from locallearn.config import ConfigError, EngineConfig, RunConfig
 from locallearn.distributed import under_torchrun
 from locallearn.distributed.comm import Control, Inbox, Outbox, PeerError
+from locallearn.distributed.faults import PipelineError, describe_failure, error_text, write_report
 from locallearn.distributed.worker import PipelineTrainer, Session, Setup, placeholder_data, prepare
 from locallearn.engines.pipeline import PipelineEngine, assign_stages
-from locallearn.train import TrainingError, build_net, resolve_run
-
-
-class PipelineError(TrainingError):
-    """A pipeline worker failed; the message names the rank, its error and the checkpoint."""
+from locallearn.train import build_net, resolve_run
 
 
 @dataclass(frozen=True)
@@ -194,55 +188,6 @@ def _stop(procs: list[Any]) -> None:
             p.join()
 
 
-def describe_failure(codes: list[int | None], died: dict[int, float], stopped: set[int],
-                     reports: dict[int, dict[str, Any]], cfg: RunConfig, run_dir: Path) -> str:
-    """One message naming the rank that failed first, its error and the checkpoint to resume."""
-    rank, error = root_cause(codes, died, stopped, reports)
-    stages = assign_stages(cfg.split.k, cfg.engine.workers)[rank]
-    where = f"stage {stages.start + 1}" if len(stages) == 1 else \
-        f"stages {stages.start + 1}-{stages.stop}"
-    try:
-        epoch = runs.load_checkpoint(run_dir)["epoch"]
-        saved = (f"the last good checkpoint (epoch {epoch}) is in {run_dir}; continue with "
-                 f"`locallearn train --resume {run_dir}`")
-    except runs.RunError:
-        saved = f"no checkpoint had been written yet in {run_dir}"
-    return (f"pipeline worker rank {rank} ({where}) failed: {error}. All {len(codes)} workers "
-            f"were stopped; {saved}")
-
-
-def root_cause(codes: list[int | None], died: dict[int, float], stopped: set[int],
-               reports: dict[int, dict[str, Any]]) -> tuple[int, str]:
-    """The rank to blame and why, from exit codes and the workers' own reports.
-
-    In order: a worker's own error (the earliest); a worker that died without a report
-    (killed, or a native crash); the peer that the other workers' errors name (a
-    peer that stopped answering is still alive until the launcher stops it).
-    """
-    own = [rep for rep in reports.values() if rep["kind"] == "error"]
-    if own:
-        rep = min(own, key=lambda r: r["time"])
-        return rep["rank"], rep["message"]
-    silent = [r for r, c in enumerate(codes) if c not in (0, None) and r not in reports
-              and r not in stopped]
-    if silent:
-        r = min(silent, key=lambda r: died.get(r, math.inf))
-        return r, _exit_text(codes[r])
-    blamed = [rep for rep in reports.values() if rep.get("peer") is not None]
-    if blamed:
-        rep = min(blamed, key=lambda r: r["time"])
-        what = "stopped answering" if rep["timed_out"] else "failed"
-        return rep["peer"], f"it {what} (rank {rep['rank']}: {rep['message']})"
-    r = min((r for r, c in enumerate(codes) if c != 0), key=lambda r: died.get(r, math.inf))
-    return r, reports[r]["message"] if r in reports else _exit_text(codes[r])
-
-
-def _exit_text(code: int | None) -> str:
-    if code is not None and code < 0:
-        return f"killed by signal {signal.Signals(-code).name}"
-    return f"exited with code {code} without a Python error (os._exit or a native crash)"
-
-
 # -- a worker ---------------------------------------------------------------------------
 
 def _spawned_worker(env: WorkerEnv, cfg: RunConfig, resume: str | Path | None, run_dir: str,
@@ -259,7 +204,7 @@ def _spawned_worker(env: WorkerEnv, cfg: RunConfig, resume: str | Path | None, r
     try:
         run_worker(cfg, resume, Path(run_dir), env)
     except BaseException as e:
-        _write_report(Path(reports) / f"rank{env.rank}.json", env.rank, e)
+        write_report(Path(reports) / f"rank{env.rank}.json", env.rank, e)
         if isinstance(e, PeerError):  # a consequence: the failed peer prints the cause
             print(f"pipeline worker rank {env.rank}: {e}", file=sys.stderr)
         else:
@@ -279,22 +224,7 @@ def _torchrun_worker(cfg: RunConfig, resume: str | Path | None) -> tuple[dict[st
     except BaseException as e:
         traceback.print_exc()
         raise PipelineError(f"pipeline worker rank {env.rank} ({socket.gethostname()}) failed: "
-                            f"{_error_text(e)}") from e
-
-
-def _write_report(path: Path, rank: int, e: BaseException) -> None:
-    peer = e.peer if isinstance(e, PeerError) else None
-    report = {"rank": rank, "kind": "peer" if isinstance(e, PeerError) else "error",
-              "peer": peer, "timed_out": bool(getattr(e, "timed_out", False)),
-              "message": _error_text(e), "time": time.time()}
-    path.write_text(json.dumps(report))
-
-
-def _error_text(e: BaseException) -> str:
-    frames = traceback.extract_tb(e.__traceback__)
-    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
-    first = (str(e).strip().splitlines() or [""])[0][:400]
-    return f"{type(e).__name__}: {first}{where}"
+                            f"{error_text(e)}") from e
 
 
 def run_worker(cfg: RunConfig, resume: str | Path | None, run_dir: Path | None,
