@@ -83,3 +83,14 @@ def test_a_killed_worker_stops_the_run_and_resume_finishes_it(tmp_path, monkeypa
     assert summary["epochs"] == 2 and [r["epoch"] for r in runs.read_metrics(folder)] == [1, 2]
     _, local = run(config(tmp_path, "local", "split.k=2", "engine=local", "train.epochs=2"))
     assert_same_weights(folder, local)  # the resumed run continued exactly where it stopped
+
+
+@pytest.mark.slow
+def test_a_frozen_worker_is_named_after_the_timeout(tmp_path, monkeypatch):
+    cfg = config(tmp_path, "frozen", "split.k=2", "engine=pipeline", "engine.workers=2",
+                 "train.epochs=1", "engine.timeout=4")
+    monkeypatch.setenv("LOCALLEARN_FAULT", "1:3:hang")  # rank 1 sleeps at step 3
+    start = time.monotonic()
+    with pytest.raises(PipelineError, match="rank 1 .*stopped answering"):
+        run(cfg)
+    assert time.monotonic() - start < 60  # timeout + the launcher's grace, not forever

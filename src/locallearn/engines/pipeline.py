@@ -18,8 +18,10 @@ its own update of that batch, so after N batches the parameters are those of
 Micro-batching (``micro_batches=m``) cuts a batch into m parts that travel on their
 own, which shortens the fill and drain of the pipeline; each part's loss is weighted
 by its share of the batch (``n_j / n``) and the gradients accumulate into one update,
-which for mean-reduced losses is the update of the whole batch (up to float error;
-BatchNorm sees m smaller batches, so its statistics differ).
+which for per-sample losses averaged over the batch (cross-entropy) is the update of
+the whole batch, up to float error. What couples the samples of a batch sees only
+its micro-batch: BatchNorm statistics, and the positives and negatives of
+contrastive losses (SupCon, NT-Xent), so those updates differ.
 """
 
 from __future__ import annotations
