@@ -340,6 +340,8 @@ def run(cfg: RunConfig, resume: str | Path | None = None) -> tuple[dict[str, Any
         return run_pipeline(cfg, resume)
     state = runs.load_checkpoint(resume) if resume is not None else None
     cfg, run_dir = resolve_run(cfg, resume)
+    if cfg.engine.threads:  # 0 keeps torch's default for a single process
+        torch.set_num_threads(cfg.engine.threads)
     torch.manual_seed(cfg.train.seed)
     data = build_data(cfg)
     if "vocab" in data.meta:  # text: the encoder fitted on the train split, to encode new text
