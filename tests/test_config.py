@@ -2,7 +2,7 @@
 
 import pytest
 
-from locallearn.config import ConfigError, load_config, to_dict, from_dict
+from locallearn.config import ConfigError, from_dict, load_config, to_dict
 
 
 def test_defaults_and_overrides(tmp_path):

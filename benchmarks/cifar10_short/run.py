@@ -63,9 +63,12 @@ def main() -> None:
             with open(results_file, "a") as f:
                 f.write(json.dumps(summary, default=float) + "\n")
             print(name, summary["final_acc"], summary["stage_acc"], flush=True)
-    rows = []
+    latest = {}  # a rerun of a configuration replaces its earlier result
     for line in results_file.read_text().splitlines():
         s = json.loads(line)
+        latest[s["bench_name"]] = s
+    rows = []
+    for s in latest.values():
         rows.append([s["bench_name"], s["engine"], s["k"], s["epochs"], s["final_acc"],
                      s["stage_acc"], s["ens_weighted"], s["train_seconds"], s["samples_per_s"]])
     meta = {"budget": f"{a.epochs} epochs of the 50k CIFAR-10 training images (JPEG copy in "

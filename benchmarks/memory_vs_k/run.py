@@ -78,8 +78,8 @@ def main() -> None:
         bp = next(b for b in results if b["model"] == r["model"] and b["engine"] == "backprop")
         rows.append([r["model"], r["engine"], r["k"], mib(r["saved_bytes"]),
                      100.0 * r["saved_bytes"] / bp["saved_bytes"], mib(r["peak_rss"])])
-    meta = {"what": "one SGD step, batch %d of 3x32x32, memory-balanced cuts, CE heads (0c1f for "
-                    "resnet32, mlp for vgg11); BP without aux heads" % a.batch,
+    meta = {"what": f"one SGD step, batch {a.batch} of 3x32x32, memory-balanced cuts, CE heads "
+                    "(0c1f for resnet32, mlp for vgg11); BP without aux heads",
             "saved act": "peak bytes saved for backward (parameters excluded)",
             "peak RSS": "peak resident set of a fresh process for that configuration",
             "note": "vgg11 has 8 blocks, so its K=16 is not possible (reported as an error)",

@@ -33,7 +33,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     name: str = "digits"                  # a registered data set (`locallearn list`)
-    data_dir: Union[str, None] = None     # root folder; default $LOCALLEARN_DATA_DIR or ./data
+    data_dir: str | None = None     # root folder; default $LOCALLEARN_DATA_DIR or ./data
     batch_size: int = 64
     augment: Literal["none", "basic", "strong"] = "none"  # basic: crop + flip; strong: SimCLR (kornia)
     train_subset: int = 0                 # use only the first N training samples (0 = all)

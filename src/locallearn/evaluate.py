@@ -6,7 +6,8 @@ stage k weighted by 2^k (deeper stages count more), normalised.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 

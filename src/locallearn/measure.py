@@ -14,7 +14,8 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ class _Saved:
 
     __slots__ = ("tensor", "key", "meter")
 
-    def __init__(self, tensor: torch.Tensor, key: int, meter: "SavedTensorsMeter") -> None:
+    def __init__(self, tensor: torch.Tensor, key: int, meter: SavedTensorsMeter) -> None:
         self.tensor, self.key, self.meter = tensor, key, meter
 
     def __del__(self) -> None:
@@ -76,7 +77,7 @@ class SavedTensorsMeter:
             self.current_bytes -= ref[1]
             del self._refs[key]
 
-    def __enter__(self) -> "SavedTensorsMeter":
+    def __enter__(self) -> SavedTensorsMeter:
         self._hooks.__enter__()
         return self
 

@@ -9,7 +9,8 @@ where gradients stop; a LocalNet itself is an ordinary ``nn.Module``.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -115,7 +116,7 @@ class LocalNet(nn.Module):
                       split_batch: int = 32, groups: int = 1,
                       group_options: dict[str, Any] | None = None, context: str = "none",
                       reconstruct: Sequence[float] = (),
-                      context_options: dict[str, Any] | None = None) -> "LocalNet":
+                      context_options: dict[str, Any] | None = None) -> LocalNet:
         """Split ``backbone`` into ``k`` stages and give each its local objective.
 
         Args:
@@ -174,7 +175,7 @@ class LocalNet(nn.Module):
 
     @classmethod
     def from_blocks(cls, blocks: nn.Sequential | Sequence[nn.Module], input_shape: tuple[int, ...],
-                    num_classes: int, k: int = 1, head: str = "0c1f", **kwargs: Any) -> "LocalNet":
+                    num_classes: int, k: int = 1, head: str = "0c1f", **kwargs: Any) -> LocalNet:
         """Wrap your own model (an ``nn.Sequential`` or a list of blocks) as a LocalNet.
 
         Example:

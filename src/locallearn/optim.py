@@ -9,7 +9,7 @@ a linear warm-up over ``warmup_steps``, then ``constant``, ``cosine`` (down to
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR

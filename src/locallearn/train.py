@@ -32,7 +32,14 @@ from locallearn.difficulty import apply_difficulty
 from locallearn.engines import Engine, build_engine
 from locallearn.evaluate import evaluate
 from locallearn.groups import node_costs
-from locallearn.measure import SavedTensorsMeter, Timer, cuda_peak_bytes, macs, param_count, peak_rss_bytes
+from locallearn.measure import (
+    SavedTensorsMeter,
+    Timer,
+    cuda_peak_bytes,
+    macs,
+    param_count,
+    peak_rss_bytes,
+)
 from locallearn.models.blocks import Backbone, build_model
 from locallearn.network import LocalNet
 from locallearn.objectives.base import build_objective

@@ -6,7 +6,8 @@ tensor or a tuple of tensors) from the graph at a stage boundary.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 

@@ -10,13 +10,14 @@ include the batch dimension; for tuple activations the shape is the first tensor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Union
+from typing import Any
 
 import torch
 from torch import nn
 
-Activation = Union[torch.Tensor, tuple]
+Activation = torch.Tensor | tuple
 
 ModelBuilder = Callable[..., "Backbone"]
 MODELS: dict[str, tuple[ModelBuilder, str]] = {}

@@ -8,7 +8,8 @@ isolation. Config names map to builders through :data:`OBJECTIVES`.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
