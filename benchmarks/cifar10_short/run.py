@@ -75,8 +75,8 @@ def main() -> None:
                       "../shared/data), batch 128, SGD lr 0.05 momentum 0.9 wd 5e-4, cosine, "
                       "crop+flip; memory-balanced cuts",
             "models": "; ".join(f"{m}: {' '.join(v[1:])}" for m, v in MODELS.items()),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores "
-                       f"(shared with other work while measured), torch threads {a.threads}",
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                       f"torch threads {a.threads} per process (pipeline: per worker)",
             "command": "python benchmarks/cifar10_short/run.py"}
     print(write_results(HERE, "results", ["run", "engine", "K", "epochs", "final acc %",
                                           "stage acc %", "ens 2^k %", "train s", "images/s"],
