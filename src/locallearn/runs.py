@@ -167,7 +167,8 @@ def plot_curves(run_dir: Path) -> Path | None:
     ax_loss.set(xlabel="epoch", ylabel="train loss", title="per-stage local loss")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:  # a self-supervised run has no accuracy curves
+            ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(run_dir) / "curves.png"
     fig.savefig(out, dpi=100)
