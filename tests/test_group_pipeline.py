@@ -52,13 +52,18 @@ def run_ranks(nodes: list[list], data: list) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("model,options", [("vgg6a", {"width": 0.125}),
-                                           ("resnet20", {"width": 0.5, "shortcut": "B"})])
-def test_group_parallel_ranks_match_the_sequential_engine(model: str, options: dict) -> None:
+MIXED = {"detach_ratio": 0.5, "diversity_weight": 0.5}  # both sibling messages travel
+OWN = {"detach_ratio": 0.0, "diversity_weight": 0.0}    # no sibling message at all
+
+
+@pytest.mark.parametrize("model,options,groups", [("vgg6a", {"width": 0.125}, MIXED),
+                                                  ("vgg6a", {"width": 0.125}, OWN),
+                                                  ("resnet20", {"width": 0.5, "shortcut": "B"}, MIXED)])
+def test_group_parallel_ranks_match_the_sequential_engine(model: str, options: dict,
+                                                          groups: dict) -> None:
     torch.manual_seed(0)
     backbone = build_model(model, SHAPE, 10, **options)
-    net = LocalNet.from_backbone(backbone, K, head="0c1f", groups=G, group_options={
-        "detach_ratio": 0.5, "diversity_weight": 0.5})
+    net = LocalNet.from_backbone(backbone, K, head="0c1f", groups=G, group_options=groups)
     nodes = [group_nodes(stage) for stage in net.stages]  # copies taken before any update
     gen = torch.Generator().manual_seed(1)
     data = [(torch.randn(8, *SHAPE, generator=gen), torch.randint(0, 10, (8,), generator=gen))
@@ -80,3 +85,12 @@ def test_group_parallel_ranks_match_the_sequential_engine(model: str, options: d
             for a, b in zip(n.objective.parameters(), stage.objective.objectives[g].parameters()):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # the group's own head
         h = out
+
+
+def test_a_first_stage_node_without_the_batch_is_an_error() -> None:
+    torch.manual_seed(0)
+    net = LocalNet.from_backbone(build_model("vgg6a", SHAPE, 10, width=0.125), K, head="0c1f",
+                                 groups=G)
+    engine = GroupPipelineEngine(group_nodes(net.stages[0])[0], 0, K, world=None, siblings=None)
+    with pytest.raises(ValueError, match="stage 0 need the batch"):
+        engine.step(sgd(engine.node.parameters()))
