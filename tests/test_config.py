@@ -24,6 +24,7 @@ def test_defaults_and_overrides(tmp_path):
     ("split.k=0", ["split.k=0", "at least 1"]),
     ("optim.schedule=exp", ["optim.schedule", "cosine"]),
     ("novalue", ["key=value"]),
+    ("model.options={width:", ["model.options={width:", "not valid YAML"]),
 ])
 def test_errors_name_the_key(override, words):
     with pytest.raises(ConfigError) as e:
