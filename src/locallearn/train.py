@@ -289,9 +289,7 @@ class Trainer:
 
     def summary(self, seconds: float) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
-        x, _ = next(iter(batches(self.data.test, 2, shuffle=False, generator=None,
-                                 device=self.device, mean=self.data.meta.get("mean"),
-                                 std=self.data.meta.get("std"))))
+        x = next(iter(self.test_batches()))[0][:2]  # a sample for the compute accounting
         out = {
             "name": self.run_dir.name if self.run_dir else "",
             "model": self.cfg.model.name, "engine": self.cfg.engine.name, "k": self.net.k,
