@@ -36,9 +36,10 @@ def run_ranks(nodes: list[list], data: list) -> list[float]:
             world = dist.ProcessGroupGloo(dist.PrefixStore("world", store), r, K * G, wait)
             siblings = dist.ProcessGroupGloo(dist.PrefixStore(f"stage{k}", store), g, G, wait)
             engine = GroupPipelineEngine(nodes[k][g], k, K, world, siblings)
-            opt = sgd(nodes[k][g].parameters())
-            for x, y in data:
-                losses[r] = engine.step(opt, x, y) if k == 0 else engine.step(opt)
+            opts = [sgd(nodes[k][g].parameters()) if j == k else None for j in range(K)]
+            for x, y in data:  # only rank 0 reads the data
+                out = engine.step(None, opts, x, y) if r == 0 else engine.step(None, opts)
+                losses[r] = out[k]
         except BaseException as e:  # re-raised by the test thread
             errors.append(e)
 
@@ -92,5 +93,5 @@ def test_a_first_stage_node_without_the_batch_is_an_error() -> None:
     net = LocalNet.from_backbone(build_model("vgg6a", SHAPE, 10, width=0.125), K, head="0c1f",
                                  groups=G)
     engine = GroupPipelineEngine(group_nodes(net.stages[0])[0], 0, K, world=None, siblings=None)
-    with pytest.raises(ValueError, match="stage 0 need the batch"):
-        engine.step(sgd(engine.node.parameters()))
+    with pytest.raises(ValueError, match="rank 0.* needs the batch"):
+        engine.step(net, [sgd(engine.node.parameters())])

@@ -130,6 +130,18 @@ def part_a(data: Any, record: Any) -> None:
             record("a", f"G={groups} {name}", train_one(data, run))
 
 
+def part_a_long(data: Any, record: Any, seeds: tuple[int, ...] = (0, 1)) -> None:
+    """Part (a) at a larger budget and several seeds: DGL, G=4 plain, G=4 stop-gradient + diversity."""
+    common = ["model.name=vgg6a", f"model.options={{width: {VGG_WIDTH}}}", "split.k=4"]
+    variants = {"DGL (G=1)": [], "G=4 none": ["split.groups=4"],
+                "G=4 stopgrad+diversity": ["split.groups=4", "objective.detach_ratio=1.0",
+                                           "objective.diversity_weight=0.5"]}
+    for seed in seeds:
+        for name, extra in variants.items():
+            record("a", f"{name} seed {seed}", train_one(data, [*common, *extra,
+                                                                f"train.seed={seed}"]))
+
+
 def part_b(data: Any, record: Any) -> None:
     common = ["model.name=resnet20", f"model.options={{width: {RESNET_WIDTH}}}"]
     record("b", "BP", train_one(data, [*common, "engine.name=backprop", "engine.aux_heads=false",
@@ -182,11 +194,17 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 256 train / 128 test images, 1 epoch, results_quick.*")
+    p.add_argument("--long", action="store_true",
+                   help="part a only, at 20k train / 5k test images x 4 epochs and seeds 0, 1: "
+                        "results_long.*")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    stem = "results_quick" if args.quick else "results"
+    stem = "results_quick" if args.quick else "results_long" if args.long else "results"
     if args.quick:
         BUDGET.update(train_subset=256, test_subset=128, epochs=1)
+    if args.long:
+        BUDGET.update(train_subset=20000, test_subset=5000, epochs=4)
+        args.part = "a"
     out = HERE / f"{stem}.json"
     results: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
     results["environment"] = environment("cpu", args.threads)
@@ -204,7 +222,7 @@ def main() -> None:
               f"{summary['train_seconds']:.0f}s", flush=True)
         save()
 
-    if args.part in ("all", "cuts") and not args.quick:
+    if args.part in ("all", "cuts") and not (args.quick or args.long):
         results["cuts"] = cuts_table()
         save()
     if args.part in ("all", "a", "b"):
@@ -213,7 +231,7 @@ def main() -> None:
                                    test=data.test.subset(BUDGET["test_subset"]))
         if args.part in ("all", "a"):
             results["a"] = {}
-            part_a(data, record)
+            (part_a_long if args.long else part_a)(data, record)
         if args.part in ("all", "b"):
             results["b"] = {}
             part_b(data, record)

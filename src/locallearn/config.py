@@ -91,6 +91,8 @@ class EngineConfig:
     name: Literal["backprop", "local", "pipeline", "multiexit"] = "local"  # multiexit: BP of all exits
     aux_heads: bool = True                # backprop: also train stage heads on detached features
     workers: int = 2                      # pipeline: processes on this machine
+    placement: Literal["stages", "groups"] = "stages"  # pipeline: a worker per run of stages, or
+                                          # (groups) one per (stage, group) node: K x G workers
     threads: int = 0                      # torch threads per process (0 = cores // workers)
     device: str = "cpu"                   # e.g. cpu, cuda, cuda:1
     devices: tuple = ()                   # pipeline: device per worker, or one for all
@@ -202,6 +204,8 @@ def validate(cfg: RunConfig) -> None:
 
         check_config(cfg)
     _validate_groups_context(cfg)
+    if cfg.engine.placement == "groups":
+        _validate_group_placement(cfg)
     if cfg.objective.difficulty:
         from locallearn.difficulty import check_config as check_difficulty
 
@@ -212,6 +216,30 @@ def validate(cfg: RunConfig) -> None:
     if cfg.objective.heads and len(cfg.objective.heads) != cfg.split.k:
         raise ConfigError(f"objective.heads lists {len(cfg.objective.heads)} heads but "
                           f"split.k={cfg.split.k}")
+
+
+def _validate_group_placement(cfg: RunConfig) -> None:
+    """``engine.placement=groups``: one worker per (stage, group) node (engines.group_pipeline)."""
+    e, k, g = cfg.engine, cfg.split.k, cfg.split.groups
+    if e.name != "pipeline":
+        raise ConfigError(f"engine.placement=groups places nodes on pipeline workers: set "
+                          f"engine=pipeline (not {e.name})")
+    if g < 2:
+        raise ConfigError("engine.placement=groups puts the width groups of a stage on separate "
+                          "workers: set split.groups=G with G >= 2")
+    if e.workers != k * g:
+        raise ConfigError(f"engine.placement=groups needs one worker per (stage, group) node: "
+                          f"set engine.workers={k * g} (split.k={k} x split.groups={g})")
+    unsupported = {"context.name": cfg.context.name != "none",
+                   "objective.predictor": bool(cfg.objective.predictor),
+                   "objective.reconstruct": bool(cfg.objective.reconstruct),
+                   "train.accumulate": cfg.train.accumulate != "none",
+                   "engine.micro_batches": e.micro_batches != 1}
+    for key, used in unsupported.items():
+        if used:
+            raise ConfigError(f"engine.placement=groups does not support {key} (it reads every "
+                              f"group of a stage, or needs the stage pipeline): drop {key} or use "
+                              f"engine.placement=stages")
 
 
 def _validate_groups_context(cfg: RunConfig) -> None:

@@ -238,6 +238,12 @@ class GroupNode(nn.Module):
         _, seen = view_width(out.shape[1] * self.groups, self.groups, self.ratio)
         return out[:, :seen].detach()
 
+    def view(self, out: torch.Tensor, messages: Sequence[torch.Tensor]) -> torch.Tensor:
+        """What this node's head reads: its own output and its siblings' messages, in group order."""
+        parts = [out if j == self.g else m for j, m in enumerate(messages)
+                 if j == self.g or m.shape[1]]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
     def local_loss(self, out: torch.Tensor, y: torch.Tensor,
                    messages: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This node's loss on its view, and its logits when the diversity penalty needs them.
@@ -247,9 +253,7 @@ class GroupNode(nn.Module):
             y: targets.
             messages: every node's :meth:`message`, in group order (this node's is unused).
         """
-        parts = [out if j == self.g else m for j, m in enumerate(messages)
-                 if j == self.g or m.shape[1]]
-        view = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        view = self.view(out, messages)
         if self.weight > 0 and isinstance(self.objective, HeadCE):
             logits = self.objective.head(view)
             return nn.functional.cross_entropy(logits, y), logits
@@ -274,6 +278,103 @@ def group_nodes(stage: nn.Module) -> list[GroupNode]:
     if obj is None:
         raise GroupError("this stage has no width groups (build it with split.groups > 1)")
     return [GroupNode(stage, g) for g in range(obj.groups)]
+
+
+# -- node <-> stage state: checkpoints of nodes that trained apart -----------------------
+
+def _state_pairs(stage: nn.Module, g: int, groups: int) -> list[tuple[str, str, slice | None]]:
+    """(node prefix, stage prefix, output rows) of every module of node g that holds state."""
+    pairs: list[tuple[str, str, slice | None]] = [("objective.", f"objective.objectives.{g}.", None)]
+    for j, block in enumerate(stage.body):
+        if isinstance(block, ConvBNReLU):
+            rows = _rows(block.conv.out_channels, groups, g)
+            pairs += [(f"body.{j}.0.", f"body.{j}.conv.", rows), (f"body.{j}.1.", f"body.{j}.bn.", rows)]
+        elif isinstance(block, BasicBlock):
+            rows = _rows(block.conv2.out_channels, groups, g)
+            pairs += [(f"body.{j}.{m}.", f"body.{j}.{m}.", rows)
+                      for m in ("conv1", "bn1", "conv2", "bn2", "shortcut.0", "shortcut.1")]
+    return pairs
+
+
+def node_state_map(stage: nn.Module, node: GroupNode) -> dict[str, tuple[str, slice | None]]:
+    """Where every entry of ``node.state_dict()`` lives in ``stage.state_dict()``.
+
+    Returns:
+        ``{node key: (stage key, rows)}``: the node's tensor is ``stage_tensor[rows]``
+        (``rows`` is ``None`` for a tensor the node holds whole: its head, counters).
+
+    Raises:
+        GroupError: for a node entry that has no place in the stage.
+    """
+    pairs = _state_pairs(stage, node.g, node.groups)
+    out: dict[str, tuple[str, slice | None]] = {}
+    for key, t in node.state_dict().items():
+        for node_prefix, stage_prefix, rows in pairs:
+            if key.startswith(node_prefix):
+                out[key] = (stage_prefix + key[len(node_prefix):], rows if t.dim() else None)
+                break
+        else:
+            raise GroupError(f"node {node.g + 1}'s state entry {key} has no place in its stage")
+    return out
+
+
+def node_part(stage_state: dict[str, torch.Tensor], key_map: dict[str, tuple[str, slice | None]],
+              prefix: str = "") -> dict[str, torch.Tensor]:
+    """A node's state dict cut from its stage's (keys of the stage state start with ``prefix``)."""
+    return {nk: (stage_state[prefix + sk] if rows is None else stage_state[prefix + sk][rows]).clone()
+            for nk, (sk, rows) in key_map.items()}
+
+
+@torch.no_grad()
+def write_node_part(stage_state: dict[str, torch.Tensor], node_state: dict[str, torch.Tensor],
+                    key_map: dict[str, tuple[str, slice | None]], prefix: str = "") -> None:
+    """Write a node's state dict into its rows of the stage state (in place)."""
+    for nk, (sk, rows) in key_map.items():
+        target = stage_state[prefix + sk]
+        target.copy_(node_state[nk]) if rows is None else target[rows].copy_(node_state[nk])
+
+
+def _param_links(stage: nn.Module, node: GroupNode) -> list[tuple[int, int, slice | None]]:
+    """(node parameter index, stage parameter index, rows): optimizer states are indexed so."""
+    key_map = node_state_map(stage, node)
+    index = {name: i for i, (name, _) in enumerate(stage.named_parameters())}
+    return [(i, index[key_map[name][0]], key_map[name][1])
+            for i, (name, _) in enumerate(node.named_parameters())]
+
+
+def merge_optimizer_states(stage: nn.Module, parts: Sequence[tuple[GroupNode, dict[str, Any]]]
+                           ) -> dict[str, Any]:
+    """The state dict of one optimizer over ``stage.parameters()`` from its nodes' optimizers.
+
+    Per-parameter buffers (momentum, Adam moments) are placed in the node's rows; scalars
+    (Adam's step count, the same on every node) are taken as they are.
+    """
+    shapes = [p.shape for p in stage.parameters()]
+    state: dict[int, dict[str, Any]] = {}
+    for node, opt in parts:
+        for i, j, rows in _param_links(stage, node):
+            if i not in opt["state"]:
+                continue
+            merged = state.setdefault(j, {})
+            for key, v in opt["state"][i].items():
+                if isinstance(v, torch.Tensor) and rows is not None and v.dim():
+                    if key not in merged:
+                        merged[key] = v.new_zeros(shapes[j])
+                    merged[key][rows] = v
+                else:
+                    merged[key] = v
+    groups = [dict(g, params=list(range(len(shapes)))) for g in parts[0][1]["param_groups"]]
+    return {"state": dict(sorted(state.items())), "param_groups": groups}
+
+
+def node_optimizer_state(stage: nn.Module, node: GroupNode, opt: dict[str, Any]) -> dict[str, Any]:
+    """A node's optimizer state dict cut from the state dict of its stage's optimizer."""
+    links = _param_links(stage, node)
+    state = {i: {key: v[rows].clone() if isinstance(v, torch.Tensor) and rows is not None and v.dim()
+                 else v for key, v in opt["state"][j].items()}
+             for i, j, rows in links if j in opt["state"]}
+    groups = [dict(g, params=list(range(len(links)))) for g in opt["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 # -- compute accounting ------------------------------------------------------------------

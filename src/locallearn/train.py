@@ -158,15 +158,10 @@ class Trainer:
         self.device = torch.device(cfg.engine.device)
         self.net = net.to(self.device)
         self.engine = engine or build_engine(cfg.engine.name, aux_heads=cfg.engine.aux_heads)
-        o = cfg.optim
         self.steps_per_epoch = math.ceil(len(data.train) / cfg.data.batch_size)
         total = self.steps_per_epoch * cfg.train.epochs
-        self.optimizers = [build_optimizer(s.parameters(), o.name, o.lr, o.momentum, o.nesterov,
-                                           o.weight_decay) for s in net.stages]
-        self.schedulers = [build_scheduler(opt, total, o.schedule,
-                                           round(o.warmup_epochs * self.steps_per_epoch),
-                                           o.min_lr / o.lr, round(o.step_epochs * self.steps_per_epoch),
-                                           o.gamma) for opt in self.optimizers]
+        self.optimizers = [self.build_optimizer(s.parameters()) for s in net.stages]
+        self.schedulers = [self.build_scheduler(opt) for opt in self.optimizers]
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
         self.augment = build_augment(cfg.data.augment)
         self.views = max(getattr(s.objective, "views", 1) for s in net.stages)
@@ -180,6 +175,18 @@ class Trainer:
         self._train_costs: list[tuple[int, int]] | None = None  # MACs per stage, for the log
         if self.schedule is not None:  # a stage that joins late gets a whole LR schedule
             delay_lr_schedules(self.schedulers, self.schedule, self.steps_per_epoch, total)
+
+    def build_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        """The configured optimizer over ``params`` (one per stage)."""
+        o = self.cfg.optim
+        return build_optimizer(params, o.name, o.lr, o.momentum, o.nesterov, o.weight_decay)
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
+        """The configured LR schedule of ``optimizer``, stepped once per batch."""
+        o, steps = self.cfg.optim, self.steps_per_epoch
+        return build_scheduler(optimizer, steps * self.cfg.train.epochs, o.schedule,
+                               round(o.warmup_epochs * steps), o.min_lr / o.lr,
+                               round(o.step_epochs * steps), o.gamma)
 
     # -- data ------------------------------------------------------------------------
     def train_batches(self):

@@ -47,6 +47,7 @@ from locallearn.config import ConfigError, EngineConfig, RunConfig
 from locallearn.distributed import under_torchrun
 from locallearn.distributed.comm import Control, Inbox, Outbox, PeerError
 from locallearn.distributed.faults import PipelineError, describe_failure, error_text, write_report
+from locallearn.distributed.group_worker import build_group_trainer
 from locallearn.distributed.worker import PipelineTrainer, Session, Setup, placeholder_data, prepare
 from locallearn.engines.pipeline import PipelineEngine, assign_stages
 from locallearn.train import build_net, resolve_run
@@ -88,8 +89,9 @@ def run_pipeline(cfg: RunConfig, resume: str | Path | None = None) -> tuple[dict
     cfg, run_dir = resolve_run(cfg, resume)
     if cfg.engine.name != "pipeline":
         raise ConfigError(f"run {run_dir} uses engine={cfg.engine.name}, not pipeline")
-    try:
-        assign_stages(cfg.split.k, cfg.engine.workers)  # fail here, not in W processes
+    try:  # fail here, not in W processes (placement=groups is checked by the config)
+        if cfg.engine.placement == "stages":
+            assign_stages(cfg.split.k, cfg.engine.workers)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     spawn_workers(cfg, resume, run_dir)
@@ -254,7 +256,12 @@ def run_worker(cfg: RunConfig, resume: str | Path | None, run_dir: Path | None,
         control.broadcast(setup)
     else:
         setup = control.broadcast()
-    trainer = build_trainer(setup, data, env, device, threads, backend, control, data_group)
+    trainer: PipelineTrainer
+    if setup.cfg.engine.placement == "groups":
+        trainer = build_group_trainer(setup, data, env.rank, env.world, device, threads, backend,
+                                      control, data_group, timeout)
+    else:
+        trainer = build_trainer(setup, data, env, device, threads, backend, control, data_group)
     if resume is not None:
         trainer.restore()
     summary = trainer.fit()

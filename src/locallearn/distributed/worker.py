@@ -201,12 +201,13 @@ class PipelineTrainer(Trainer):
         """The metrics row of an epoch from every rank's figures (rank 0)."""
         k = self.net.k
         loss, seconds = [math.nan] * k, [0.0] * k
-        for p in parts:
+        for p in parts:  # one rank per stage, or (group placement) G ranks: their shares add up
             for j, v in p["losses"].items():
-                loss[j] = v
+                loss[j] = v if math.isnan(loss[j]) else loss[j] + v
             for j, v in p["stage_seconds"].items():
-                seconds[j] = v
+                seconds[j] = max(seconds[j], v)
         wall = max(p["wall"] for p in parts)
+        busy_stages = sum(sum(p["stage_seconds"].values()) for p in parts)
         busy = [sum(p["stage_seconds"].values()) + p["data_seconds"] for p in parts]
         cuda = [p["cuda"] for p in parts if p["cuda"] is not None]
         return {"train_loss": loss, "epoch_seconds": wall,
@@ -216,7 +217,7 @@ class PipelineTrainer(Trainer):
                 "lr": self.schedulers[-1].get_last_lr()[0],
                 "stage_seconds": seconds, "stage_idle": [1 - t / max(wall, 1e-9) for t in seconds],
                 "worker_busy": [b / max(wall, 1e-9) for b in busy],
-                "pipeline_efficiency": sum(seconds) / (len(parts) * max(wall, 1e-9))}
+                "pipeline_efficiency": busy_stages / (len(parts) * max(wall, 1e-9))}
 
     # -- evaluation --------------------------------------------------------------------
     def evaluate_pipeline(self) -> dict[str, Any] | None:
@@ -239,7 +240,8 @@ class PipelineTrainer(Trainer):
         if ranks is not None and self.epoch == 0 and self.run_dir is not None:
             runs.save_config(self.run_dir, self.run_cfg)
             env = runs.environment(str(s.device), s.threads)
-            env.update(engine="pipeline", workers=s.world, backend=s.backend,
+            env.update(engine="pipeline", placement=self.run_cfg.engine.placement,
+                       workers=s.world, backend=s.backend,
                        threads_per_worker=[r["threads"] for r in ranks], ranks=ranks)
             runs.write_json(self.run_dir / "env.json", env)
         start = time.perf_counter()
@@ -264,6 +266,7 @@ class PipelineTrainer(Trainer):
         out = self.summary(seconds)
         eff = [r["pipeline_efficiency"] for r in self.history if "pipeline_efficiency" in r]
         out.update(peak_rss=max(rss), workers=s.world, backend=s.backend,
+                   placement=self.run_cfg.engine.placement,
                    threads_per_worker=[r["threads"] for r in ranks or []],
                    pipeline_efficiency=sum(eff) / len(eff) if eff else None)
         if is_self_supervised(self.net) and self.run_dir is not None:  # as `train.run` does
@@ -278,7 +281,11 @@ class PipelineTrainer(Trainer):
         s = self.session
         return {"rank": s.rank, "host": socket.gethostname(), "pid": os.getpid(),
                 "device": str(s.device), "threads": s.threads,
-                "stages": [k + 1 for k in s.stages]}
+                "stages": [k + 1 for k in s.stages], **self.rank_place()}
+
+    def rank_place(self) -> dict[str, Any]:
+        """More about what this rank holds, for env.json (the group trainer names its group)."""
+        return {}
 
     def _log(self, row: dict[str, Any]) -> None:
         if not self.cfg.train.progress:
@@ -307,13 +314,17 @@ class PipelineTrainer(Trainer):
     def shard_state(self) -> dict[str, Any]:
         """This rank's stages, their optimizers and schedules, and its random state."""
         own = list(self.engine.stages)
-        prefixes = tuple(f"stages.{k}." for k in own)
         return {"config": to_dict(self.run_cfg), "epoch": self.epoch, "rank": self.session.rank,
-                "stages": own, "net": {n: t.detach().cpu() for n, t in self.net.state_dict().items()
-                                       if n.startswith(prefixes)},
+                "stages": own, **self.own_weights(),
                 "optimizers": [_to_cpu(self.optimizers[k].state_dict()) for k in own],
                 "schedulers": [self.schedulers[k].state_dict() for k in own],
                 "rng": torch.get_rng_state(), "generator": self.generator.get_state()}
+
+    def own_weights(self) -> dict[str, Any]:
+        """The weights this rank trains, as saved in its shard."""
+        prefixes = tuple(f"stages.{k}." for k in self.engine.stages)
+        return {"net": {n: t.detach().cpu() for n, t in self.net.state_dict().items()
+                        if n.startswith(prefixes)}}
 
     def merged_state(self, shards: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """The single-process checkpoint (:meth:`Trainer.state_dict`) from every rank's shard."""
@@ -336,9 +347,9 @@ class PipelineTrainer(Trainer):
         missing = s.control.all_gather(shard is None)
         parts = None
         if merged is not None:
-            parts = [_part_of(merged, s.ranges[r]) if missing[r] else None for r in range(s.world)]
+            parts = [self.part_of(merged, r) if missing[r] else None for r in range(s.world)]
         received = s.control.scatter(parts)
-        self._load_part(shard if shard is not None else received)
+        self.load_part(shard if shard is not None else received)
         if merged is not None:  # rank 0 keeps every schedule in step (it logs the last stage's LR)
             for sched, state in zip(self.schedulers, merged["schedulers"]):
                 sched.load_state_dict(state)
@@ -354,16 +365,28 @@ class PipelineTrainer(Trainer):
             shard = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # missing or unreadable: rank 0 sends this rank's part instead
             return None
-        ok = shard.get("epoch") == epoch and shard.get("stages") == list(self.engine.stages)
+        ok = shard.get("epoch") == epoch and self.shard_fits(shard)
         return shard if ok else None
 
-    def _load_part(self, part: dict[str, Any]) -> None:
+    def shard_fits(self, shard: dict[str, Any]) -> bool:
+        """True if a saved shard holds what this rank trains."""
+        return shard.get("stages") == list(self.engine.stages)
+
+    def part_of(self, state: dict[str, Any], rank: int) -> dict[str, Any]:
+        """The shard of rank ``rank`` cut from a merged checkpoint (rank 0)."""
+        return _part_of(state, self.session.ranges[rank])
+
+    def load_weights(self, part: dict[str, Any]) -> None:
+        """Load the weights of a shard into what this rank trains."""
         result = self.net.load_state_dict(part["net"], strict=False)
         own = tuple(f"stages.{k}." for k in self.engine.stages)
         lost = [n for n in result.missing_keys if n.startswith(own)]
         if lost or result.unexpected_keys:
             raise TrainingError(f"the checkpoint does not fit stages {list(self.engine.stages)}: "
                                 f"missing {lost[:3]}, unexpected {result.unexpected_keys[:3]}")
+
+    def load_part(self, part: dict[str, Any]) -> None:
+        self.load_weights(part)
         for k, opt, sched in zip(self.engine.stages, part["optimizers"], part["schedulers"]):
             self.optimizers[k].load_state_dict(opt)
             self.schedulers[k].load_state_dict(sched)

@@ -96,6 +96,33 @@ def merge_tallies(tallies: Sequence[EvalTally], k: int) -> dict[str, Any]:
     return out
 
 
+def eval_packets(batches: Iterable[tuple[Activation, torch.Tensor]],
+                 num_classes: int) -> Iterator[Packet]:
+    """The test batches as evaluation packets with empty ensemble sums, then the end marker."""
+    for x, y in batches:
+        zeros = torch.zeros(len(y), num_classes, device=y.device)
+        weights = torch.zeros(2, dtype=torch.float64, device=y.device)
+        yield Packet(EVAL, x, y, [], [zeros, zeros.clone(), weights], len(y))
+    yield Packet(EVAL)
+
+
+def add_to_ensembles(extras: Sequence[torch.Tensor], prob: torch.Tensor,
+                     k: int) -> list[torch.Tensor]:
+    """The ensemble sums of an evaluation packet with stage ``k``'s class probabilities added."""
+    ens_u, ens_w, weights = extras
+    step = torch.tensor([1.0, 2.0 ** k], dtype=weights.dtype, device=weights.device)
+    return [ens_u + prob, ens_w + 2.0 ** k * prob, weights + step]
+
+
+def score_ensembles(tally: EvalTally, y: torch.Tensor, ens_u: torch.Tensor, ens_w: torch.Tensor,
+                    weights: torch.Tensor) -> None:
+    """Count the correct answers of the uniform and 2^k ensembles (on the last rank)."""
+    if float(weights[0]) == 0:  # no stage can predict: no ensemble
+        return
+    for key, acc, w in (("ens_uniform", ens_u, weights[0]), ("ens_weighted", ens_w, weights[1])):
+        tally.ensembles[key] += int(((acc / float(w)).argmax(1) == y).sum())
+
+
 class PipelineEngine:
     """One rank of the pipeline (``engine: pipeline``).
 
@@ -234,11 +261,7 @@ class PipelineEngine:
             while True:
                 yield self.inbox.get(EVAL)
         assert batches is not None, "rank 0 needs the test batches"
-        for x, y in batches:
-            zeros = torch.zeros(len(y), net.num_classes, device=y.device)
-            weights = torch.zeros(2, dtype=torch.float64, device=y.device)
-            yield Packet(EVAL, x, y, [], [zeros, zeros.clone(), weights], len(y))
-        yield Packet(EVAL)
+        yield from eval_packets(batches, net.num_classes)
 
     def _eval_batch(self, net: LocalNet, tally: EvalTally, p: Packet,
                     group_heads: Sequence[Any]) -> None:
@@ -253,19 +276,13 @@ class PipelineEngine:
             if logits is None:
                 continue
             tally.correct[k] = tally.correct.get(k, 0) + int((logits.argmax(1) == y).sum())
-            prob = logits.softmax(1)
-            ens_u, ens_w = ens_u + 1.0 * prob, ens_w + 2.0 ** k * prob
-            weights = weights + torch.tensor([1.0, 2.0 ** k], dtype=weights.dtype,
-                                             device=weights.device)
+            ens_u, ens_w, weights = add_to_ensembles((ens_u, ens_w, weights), logits.softmax(1), k)
         tally.n += len(y)
         if self.outbox is not None:
             self.outbox.put(Packet(EVAL, h, y, self._trail_out(trail), [ens_u, ens_w, weights],
                                    p.total))
             return
-        if float(weights[0]) == 0:  # no stage can predict: no ensemble
-            return
-        for key, acc, w in (("ens_uniform", ens_u, weights[0]), ("ens_weighted", ens_w, weights[1])):
-            tally.ensembles[key] += int(((acc / float(w)).argmax(1) == y).sum())
+        score_ensembles(tally, y, ens_u, ens_w, weights)
 
     @staticmethod
     def _count_groups(tally: EvalTally, k: int, out: Activation, y: torch.Tensor,
