@@ -1,9 +1,11 @@
-"""Group-parallel pipeline: K=2 stages x G=2 groups on 4 ranks (threads joined by gloo) equal the sequential engine."""
+"""Group-parallel pipeline: K=2 stages x G=2 groups on 4 ranks (threads joined by gloo) equal the
+sequential engine, in training, evaluation and the merged checkpoint; node <-> stage state maps."""
 
 from __future__ import annotations
 
 import threading
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +13,16 @@ import torch.distributed as dist
 
 from locallearn.engines import LocalEngine
 from locallearn.engines.group_pipeline import GroupPipelineEngine, node_rank
-from locallearn.groups import group_nodes
+from locallearn.engines.pipeline import EvalTally, merge_tallies
+from locallearn.evaluate import evaluate
+from locallearn.groups import (
+    group_nodes,
+    merge_optimizer_states,
+    node_optimizer_state,
+    node_part,
+    node_state_map,
+    write_node_part,
+)
 from locallearn.models import build_model
 from locallearn.network import LocalNet
 
@@ -24,10 +35,14 @@ def sgd(params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
 
 
-def run_ranks(nodes: list[list], data: list) -> list[float]:
-    """Train every node on its own thread and gloo rank; the last losses of every rank."""
+def run_ranks(nodes: list[list], data: list, test: list) -> tuple[list, list, list]:
+    """Train every node on its own thread and gloo rank, then evaluate through the nodes.
+
+    Returns:
+        Every rank's last loss, optimizer state dict and evaluation tally.
+    """
     store = dist.HashStore()
-    losses = [0.0] * (K * G)
+    losses, states, tallies = [0.0] * (K * G), [None] * (K * G), [EvalTally() for _ in range(K * G)]
     errors: list[BaseException] = []
 
     def rank(k: int, g: int) -> None:
@@ -40,6 +55,8 @@ def run_ranks(nodes: list[list], data: list) -> list[float]:
             for x, y in data:  # only rank 0 reads the data
                 out = engine.step(None, opts, x, y) if r == 0 else engine.step(None, opts)
                 losses[r] = out[k]
+            states[r] = opts[k].state_dict()
+            engine.evaluate(SimpleNamespace(num_classes=10), tallies[r], test if r == 0 else None)
         except BaseException as e:  # re-raised by the test thread
             errors.append(e)
 
@@ -50,7 +67,7 @@ def run_ranks(nodes: list[list], data: list) -> list[float]:
         t.join(60)
     if errors:
         raise errors[0]
-    return losses
+    return losses, states, tallies
 
 
 MIXED = {"detach_ratio": 0.5, "diversity_weight": 0.5}  # both sibling messages travel
@@ -66,26 +83,71 @@ def test_group_parallel_ranks_match_the_sequential_engine(model: str, options: d
     backbone = build_model(model, SHAPE, 10, **options)
     net = LocalNet.from_backbone(backbone, K, head="0c1f", groups=G, group_options=groups)
     nodes = [group_nodes(stage) for stage in net.stages]  # copies taken before any update
+    layouts = [group_nodes(stage) for stage in net.stages]  # where each node's state lives
     gen = torch.Generator().manual_seed(1)
     data = [(torch.randn(8, *SHAPE, generator=gen), torch.randint(0, 10, (8,), generator=gen))
             for _ in range(3)]
+    test = [(torch.randn(6, *SHAPE, generator=gen), torch.randint(0, 10, (6,), generator=gen))
+            for _ in range(2)]
     opts = [sgd(s.parameters()) for s in net.stages]
     for x, y in data:
-        LocalEngine().step(net, opts, x, y)
-    losses = run_ranks(nodes, data)
-    assert all(loss == loss and loss > 0 for loss in losses)  # every rank trained
-    net.eval()
-    h = torch.randn(4, *SHAPE, generator=gen)
-    for stage, stage_nodes in zip(net.stages, nodes):
-        for n in stage_nodes:
-            n.eval()
-        out = stage(h)
-        gathered = torch.cat([n(h) for n in stage_nodes], dim=1)
-        torch.testing.assert_close(gathered, out, rtol=1e-4, atol=1e-5)  # weights and BN stats
-        for g, n in enumerate(stage_nodes):
-            for a, b in zip(n.objective.parameters(), stage.objective.objectives[g].parameters()):
-                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # the group's own head
-        h = out
+        losses = LocalEngine().step(net, opts, x, y)
+    shares, states, tallies = run_ranks(nodes, data, test)
+    for k in range(K):  # the G nodes' shares add up to the stage loss
+        assert sum(shares[k * G: (k + 1) * G]) == pytest.approx(losses[k], rel=1e-5)
+    # evaluation through the nodes gives what evaluate() gives on the whole net
+    want, got = evaluate(net, test), merge_tallies(tallies, K)
+    for key in ("stage_acc", "final_acc", "ens_uniform", "ens_weighted", "group_acc", "n"):
+        assert got[key] == want[key], key
+    # the node slices written back are the whole net's weights, buffers and optimizer states
+    merged = {n: torch.zeros_like(t) for n, t in net.state_dict().items()}
+    for k, stage in enumerate(net.stages):
+        for g, node in enumerate(nodes[k]):
+            write_node_part(merged, node.state_dict(), node_state_map(stage, layouts[k][g]),
+                            f"stages.{k}.")
+        pairs = [(layouts[k][g], states[node_rank(k, g, G)]) for g in range(G)]
+        opt = merge_optimizer_states(stage, pairs)
+        want_opt = opts[k].state_dict()
+        assert opt["param_groups"] == want_opt["param_groups"]
+        assert sorted(opt["state"]) == sorted(want_opt["state"])
+        for i, st in want_opt["state"].items():
+            torch.testing.assert_close(opt["state"][i]["momentum_buffer"], st["momentum_buffer"],
+                                       rtol=1e-4, atol=1e-6)
+        back = node_optimizer_state(stage, layouts[k][1], opt)  # and cut out again
+        for i, st in states[node_rank(k, 1, G)]["state"].items():
+            torch.testing.assert_close(back["state"][i]["momentum_buffer"], st["momentum_buffer"])
+    for name, t in net.state_dict().items():
+        torch.testing.assert_close(merged[name], t, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("model,options", [("vgg6a", {"width": 0.125}),
+                                           ("resnet20", {"width": 0.5, "shortcut": "B"}),
+                                           ("resnet20", {"width": 0.5, "shortcut": "A"})])
+def test_the_nodes_state_maps_cover_every_entry_of_the_stage_exactly_once(model: str,
+                                                                           options: dict) -> None:
+    torch.manual_seed(0)
+    net = LocalNet.from_backbone(build_model(model, SHAPE, 10, **options), K, head="0c1f",
+                                 groups=G, group_options=MIXED)
+    for stage in net.stages:
+        full = stage.state_dict()
+        covered = {n: torch.zeros_like(t, dtype=torch.int64) for n, t in full.items()}
+        rebuilt = {n: torch.zeros_like(t) for n, t in full.items()}
+        for node in group_nodes(stage):
+            key_map = node_state_map(stage, node)
+            assert set(key_map) == set(node.state_dict())
+            part = node_part(full, key_map)
+            for n, t in node.state_dict().items():
+                assert torch.equal(part[n], t), n  # the node holds exactly its slices
+            write_node_part(rebuilt, node.state_dict(), key_map)
+            write_node_part(covered, {n: torch.ones_like(t, dtype=torch.int64)
+                                      for n, t in node.state_dict().items()}, key_map)
+            for sk, rows in key_map.values():  # counters are written by every node alike
+                if rows is None and full[sk].dim() == 0:
+                    covered[sk] -= 1
+        for n, t in full.items():
+            assert torch.equal(rebuilt[n], t), n
+            assert int(covered[n].min()) >= (0 if full[n].dim() == 0 else 1), n
+            assert int(covered[n].max()) <= 1, n
 
 
 def test_a_first_stage_node_without_the_batch_is_an_error() -> None:

@@ -4,6 +4,7 @@ Each test starts two worker processes (importing torch takes a few seconds each)
 this file is slower than the in-process tests of ``test_pipeline.py``.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch
 
 from locallearn import runs
 from locallearn.cli import main
-from locallearn.config import load_config
+from locallearn.config import ConfigError, load_config
 from locallearn.distributed.faults import PipelineError
 from locallearn.train import run
 
@@ -94,3 +95,50 @@ def test_a_frozen_worker_is_named_after_the_timeout(tmp_path, monkeypatch):
     with pytest.raises(PipelineError, match="rank 1 .*stopped answering"):
         run(cfg)
     assert time.monotonic() - start < 60  # timeout + the launcher's grace, not forever
+
+
+GROUPED = ["model=vgg6a", "model.options={width: 0.125}", "split.k=2", "split.groups=2",
+           "objective.head=0c1f", "objective.detach_ratio=0.5", "objective.diversity_weight=0.5"]
+
+
+def test_group_placement_trains_k_x_g_nodes_like_the_sequential_engine(tmp_path, capsys):
+    """K=2 x G=2 nodes on 4 worker processes: the weights, losses and accuracies of engine=local;
+    `eval` reads the merged checkpoint; resume cuts a lost node shard from it."""
+    nodes = config(tmp_path, "nodes", *GROUPED, "engine=pipeline", "engine.placement=groups",
+                   "engine.workers=4", "train.epochs=1")
+    summary, pipe = run(nodes)
+    _, local = run(config(tmp_path, "local", *GROUPED, "engine=local", "train.epochs=1"))
+    assert_same_weights(pipe, local)
+    got, want = runs.read_metrics(pipe)[-1], runs.read_metrics(local)[-1]
+    assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-5)  # node shares add up
+    for key in ("stage_acc", "group_acc", "ens_uniform", "ens_weighted"):
+        assert got[key] == want[key], key
+    assert summary["placement"] == "groups" and summary["workers"] == 4
+    env = json.loads((pipe / "env.json").read_text())
+    assert [(r["stages"], r["group"]) for r in env["ranks"]] == [([1], 1), ([1], 2), ([2], 1), ([2], 2)]
+    capsys.readouterr()
+    assert main(["eval", str(pipe)]) == 0
+    assert f"final {summary['final_acc']:.2f} %" in capsys.readouterr().out
+    (pipe / "ranks" / "rank1.pt").unlink()  # a lost node shard: rank 0 cuts it from checkpoint.pt
+    run(config(tmp_path, "nodes", "train.epochs=2"), resume=pipe)
+    run(config(tmp_path, "local", "train.epochs=2"), resume=local)
+    assert_same_weights(pipe, local)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["engine.workers=3"], "set engine.workers=4"),
+    (["engine.workers=4", "context.name=E"], "does not support context.name"),
+    (["engine.workers=4", "engine=local"], "set engine=pipeline"),
+    (["engine.workers=2", "split.groups=1"], "split.groups=G with G >= 2"),
+])
+def test_group_placement_config_errors_name_the_fix(tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        config(tmp_path, "bad", *GROUPED, "engine=pipeline", "engine.placement=groups", *extra)
+
+
+def test_a_killed_node_worker_is_named_by_stage_and_group(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCALLEARN_FAULT", "3:5:exit")  # rank 3 = stage 2, group 2
+    cfg = config(tmp_path, "killed", *GROUPED, "engine=pipeline", "engine.placement=groups",
+                 "engine.workers=4", "train.epochs=1")
+    with pytest.raises(PipelineError, match=r"rank 3 \(stage 2, group 2\) failed: exited with code 13"):
+        run(cfg)

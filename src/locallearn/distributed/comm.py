@@ -60,7 +60,7 @@ def _timed_out(e: BaseException) -> bool:
     return "timed out" in str(e).lower() or "timeout" in type(e).__name__.lower()
 
 
-def _guard(what: str, peer: int | None, fn: Callable[[], T]) -> T:
+def guard(what: str, peer: int | None, fn: Callable[[], T]) -> T:
     """Run ``fn``; turn a communication failure into a :class:`PeerError` about ``peer``."""
     try:
         return fn()
@@ -95,7 +95,7 @@ class Outbox:
     def put(self, packet: Packet) -> None:
         """Post the sends of ``packet``; wait for the oldest packet if too many are in flight."""
         tensors = encode(packet, self.wire_device)
-        works = _guard("sending to the next stage", self.dst,
+        works = guard("sending to the next stage", self.dst,
                        lambda: [dist.isend(t, self.dst, group=self.group) for t in tensors])
         self._pending.append((works, tensors))  # the tensors must live until sent
         while len(self._pending) > self.depth:
@@ -111,7 +111,7 @@ class Outbox:
 
         works, _ = self._pending.popleft()
         start = time.perf_counter()
-        _guard("sending to the next stage", self.dst,
+        guard("sending to the next stage", self.dst,
                lambda: [w.wait(timeout=self.timeout) for w in works])
         self.wait_seconds += time.perf_counter() - start
 
@@ -184,12 +184,12 @@ class Inbox:
         wait = timedelta(seconds=self.timeout)
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.wire_device)
         what = "receiving from the previous stage"
-        _guard(what, self.src, lambda: dist.irecv(header, self.src, group=self.group).wait(wait))
+        guard(what, self.src, lambda: dist.irecv(header, self.src, group=self.group).wait(wait))
         layout = Layout.parse(header.cpu())
         buffers = layout.buffers(self.wire_device)
-        works = _guard(what, self.src,
+        works = guard(what, self.src,
                        lambda: [dist.irecv(b, self.src, group=self.group) for b in buffers])
-        _guard(what, self.src, lambda: [w.wait(wait) for w in works])
+        guard(what, self.src, lambda: [w.wait(wait) for w in works])
         return layout.packet(buffers, self.device)
 
 
@@ -206,33 +206,33 @@ class Control:
         self.group, self.rank, self.world = group, rank, world
 
     def barrier(self) -> None:
-        _guard("waiting for all ranks", None, lambda: dist.barrier(group=self.group))
+        guard("waiting for all ranks", None, lambda: dist.barrier(group=self.group))
 
     def broadcast(self, obj: Any = None) -> Any:
         """Rank 0's ``obj`` on every rank."""
         box = [obj]
-        _guard("receiving set-up from rank 0", None,
+        guard("receiving set-up from rank 0", None,
                lambda: dist.broadcast_object_list(box, src=0, group=self.group))
         return box[0]
 
     def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's ``obj`` on rank 0 (in rank order); ``None`` elsewhere."""
         out: list[Any] | None = [None] * self.world if self.rank == 0 else None
-        _guard("gathering results on rank 0", None,
+        guard("gathering results on rank 0", None,
                lambda: dist.gather_object(obj, out, dst=0, group=self.group))
         return out
 
     def all_gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` on every rank (in rank order)."""
         out: list[Any] = [None] * self.world
-        _guard("exchanging with all ranks", None,
+        guard("exchanging with all ranks", None,
                lambda: dist.all_gather_object(out, obj, group=self.group))
         return out
 
     def scatter(self, objs: list[Any] | None) -> Any:
         """Rank r gets ``objs[r]`` of rank 0."""
         box: list[Any] = [None]
-        _guard("receiving from rank 0", None,
+        guard("receiving from rank 0", None,
                lambda: dist.scatter_object_list(box, objs if self.rank == 0 else None, src=0,
                                                 group=self.group))
         return box[0]

@@ -33,9 +33,13 @@ def describe_failure(codes: list[int | None], died: dict[int, float], stopped: s
                      reports: dict[int, dict[str, Any]], cfg: RunConfig, run_dir: Path) -> str:
     """One message naming the rank that failed first, its error and the checkpoint to resume."""
     rank, error = root_cause(codes, died, stopped, reports)
-    stages = assign_stages(cfg.split.k, cfg.engine.workers)[rank]
-    where = f"stage {stages.start + 1}" if len(stages) == 1 else \
-        f"stages {stages.start + 1}-{stages.stop}"
+    if cfg.engine.placement == "groups":
+        stage, group = divmod(rank, cfg.split.groups)
+        where = f"stage {stage + 1}, group {group + 1}"
+    else:
+        stages = assign_stages(cfg.split.k, cfg.engine.workers)[rank]
+        where = f"stage {stages.start + 1}" if len(stages) == 1 else \
+            f"stages {stages.start + 1}-{stages.stop}"
     try:
         epoch = runs.load_checkpoint(run_dir)["epoch"]
         saved = (f"the last good checkpoint (epoch {epoch}) is in {run_dir}; continue with "

@@ -40,7 +40,17 @@ from typing import Any
 
 import torch
 
-from locallearn.distributed.wire import EVAL, HEADER_LEN, KIND_NAMES, TRAIN, Layout, Packet, WireError, encode
+from locallearn.distributed.comm import guard
+from locallearn.distributed.wire import (
+    EVAL,
+    HEADER_LEN,
+    KIND_NAMES,
+    TRAIN,
+    Layout,
+    Packet,
+    WireError,
+    encode,
+)
 from locallearn.engines.base import detach
 from locallearn.engines.pipeline import EvalTally, add_to_ensembles, eval_packets, score_ensembles
 from locallearn.groups import GroupNode
@@ -52,36 +62,59 @@ def node_rank(stage: int, group: int, groups: int) -> int:
     return stage * groups + group
 
 
-def send_packets(world: Any, packet: Packet, dsts: list[int], wire: torch.device | str = "cpu") -> None:
-    """Send ``packet`` to every rank in ``dsts`` (all sends posted before any wait)."""
-    tensors = encode(packet, wire)
-    works = [world.send([t], dst, 0) for dst in dsts for t in tensors]
+def _peers(ranks: list[int]) -> tuple[str, int | None]:
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks)), \
+        ranks[0] if len(ranks) == 1 else None
+
+
+def _wait(works: list[Any]) -> None:
     for w in works:
         w.wait()
+
+
+def send_packets(world: Any, packet: Packet, dsts: list[int], wire: torch.device | str = "cpu") -> None:
+    """Send ``packet`` to every rank in ``dsts`` (all sends posted before any wait).
+
+    Raises:
+        PeerError: if a receiver failed or did not answer within the group's timeout.
+    """
+    tensors = encode(packet, wire)
+    names, peer = _peers(dsts)
+    guard(f"sending to {names}", peer,
+          lambda: _wait([world.send([t], dst, 0) for dst in dsts for t in tensors]))
 
 
 def recv_packets(world: Any, srcs: list[int], wire: torch.device | str = "cpu",
                  device: torch.device | str = "cpu") -> list[Packet]:
-    """One packet from every rank in ``srcs`` (all receives posted before any wait)."""
+    """One packet from every rank in ``srcs`` (all receives posted before any wait).
+
+    Raises:
+        PeerError: if a sender failed or sent nothing within the group's timeout.
+    """
+    names, peer = _peers(srcs)
     headers = [torch.empty(HEADER_LEN, dtype=torch.int64, device=wire) for _ in srcs]
-    for w in [world.recv([h], src, 0) for h, src in zip(headers, srcs)]:
-        w.wait()
+    guard(f"receiving from {names}", peer,
+          lambda: _wait([world.recv([h], src, 0) for h, src in zip(headers, srcs)]))
     layouts = [Layout.parse(h.cpu()) for h in headers]
     buffers = [layout.buffers(wire) for layout in layouts]
-    works = [world.recv([b], src, 0) for bs, src in zip(buffers, srcs) for b in bs]
-    for w in works:
-        w.wait()
+    guard(f"receiving from {names}", peer,
+          lambda: _wait([world.recv([b], src, 0) for bs, src in zip(buffers, srcs) for b in bs]))
     return [layout.packet(bs, device) for layout, bs in zip(layouts, buffers)]
 
 
 def all_gather(siblings: Any, t: torch.Tensor, groups: int,
                wire: torch.device | str = "cpu") -> list[torch.Tensor]:
-    """Every sibling's ``t`` (same shape on all), in group order, on ``t``'s device."""
+    """Every sibling's ``t`` (same shape on all), in group order, on ``t``'s device.
+
+    Raises:
+        PeerError: if a sibling failed or did not answer within the group's timeout.
+    """
     if t.numel() == 0:  # nothing to exchange (the node sees only its own channels)
         return [t] * groups
     sent = t.detach().to(wire).contiguous()
     outs = [torch.empty_like(sent) for _ in range(groups)]
-    siblings.allgather([outs], [sent]).wait()
+    guard("exchanging with the other nodes of this stage", None,
+          lambda: siblings.allgather([outs], [sent]).wait())
     return [o.to(t.device) for o in outs]
 
 
