@@ -19,7 +19,11 @@ keeps the global batch fixed and grows the workers (pipeline: K = workers stages
 DDP: the batch is shared out); the weak-scaling table grows the global batch with
 the workers. The load average of the machine is recorded with every measurement.
 
-Usage: python benchmarks/pipeline_throughput/run.py [--quick] [--parts main strong weak]
+The ``groups`` part (not run by default) trains a net with G=2 width groups three ways:
+sequentially, with the K stages on K workers, and with every (stage, group) node on its
+own worker (``engine.placement=groups``, K x G workers).
+
+Usage: python benchmarks/pipeline_throughput/run.py [--quick] [--parts main strong weak groups]
 """
 
 from __future__ import annotations
@@ -216,6 +220,41 @@ def scaling_table(ctx: Any, out: str, batch: int, steps: int, epochs: int,
     return rows
 
 
+GROUPS = ["split.groups=2", "objective.detach_ratio=1.0", "objective.diversity_weight=0.5"]
+
+
+def group_nodes(cfg: list[str], k: int) -> list[dict[str, Any]]:
+    """engine.placement=groups: K stages x 2 groups, one worker x 1 thread per node."""
+    from locallearn import runs
+    from locallearn.config import load_config
+    from locallearn.train import run
+
+    _, run_dir = run(load_config(None, [*cfg, *GROUPS, "engine=pipeline", f"split.k={k}",
+                                        "engine.placement=groups", f"engine.workers={2 * k}",
+                                        "engine.threads=1"]))
+    return runs.read_metrics(run_dir)
+
+
+def groups_table(ctx: Any, out: str, batch: int, steps: int, epochs: int) -> list[list[Any]]:
+    """Width groups (G=2, stop-gradient + diversity) placed by stage or by (stage, group) node."""
+    rows = []
+    cfg = overrides(SCALING_MODEL, batch, steps, epochs, out)
+    for k in (1, 2):
+        print(f"{SCALING_MODEL} K={k} G=2", flush=True)
+        m = {f"local K={k} G=2, 1 process x 1 thread": measure("local 1x1", lambda: single(
+                 ctx, [*cfg, *GROUPS, "engine=local", f"split.k={k}"], 1)),
+             f"nodes K={k} x G=2, {2 * k} workers x 1 thread": measure(
+                 f"nodes {2 * k}x1", lambda: group_nodes(cfg, k))}
+        if k == 2:
+            m["stages K=2 G=2, 2 workers x 1 thread"] = measure("pipeline 2x1", lambda: pipeline(
+                [*cfg, *GROUPS], 2))
+        base = next(iter(m.values()))["images_per_s"]
+        for mode, r in m.items():
+            rows.append([mode, r["images_per_s"], r["images_per_s"] / base, r["efficiency"],
+                         r["load"]])
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--parts", nargs="+", default=["main", "strong", "weak"])
@@ -252,6 +291,14 @@ def main() -> None:
                 "model", "mode", "images/s", "speedup vs best 1-process BP",
                 "pipeline efficiency", "load avg"], rows,
                 {**common, "steps": f"{a.steps} steps per epoch"}))
+        if "groups" in a.parts:
+            rows = groups_table(ctx, out, a.batch, a.steps, a.epochs)
+            print(write_results(HERE, "groups", [
+                "mode", "images/s", "speedup vs local (same K)", "pipeline efficiency",
+                "load avg"], rows,
+                {**common, "steps": f"{a.steps} steps per epoch", "model": SCALING_MODEL,
+                 "groups": "split.groups=2, objective.detach_ratio=1, diversity_weight=0.5; "
+                           "the machine has 2 cores, so 4 node workers share them"}))
         for part in ("strong", "weak"):
             if part in a.parts:
                 rows = scaling_table(ctx, out, a.batch, a.scaling_steps, a.epochs, part == "weak")

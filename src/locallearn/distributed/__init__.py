@@ -1,16 +1,18 @@
 """Running the stages of a network in separate processes with torch.distributed.
 
-=============  ==============================================================
-``wire``        the packet format between ranks (header + tensors)
-``comm``        point-to-point links (bounded async queues) and collectives
-``worker``      one worker: set-up from rank 0, epochs, metrics, checkpoints
-``launch``      spawning the workers on this machine, or joining torchrun
-``faults``      failure reports of workers and the rank the launcher blames
-=============  ==============================================================
+==============  ==============================================================
+``wire``         the packet format between ranks (header + tensors)
+``comm``         point-to-point links (bounded async queues) and collectives
+``worker``       one worker: set-up from rank 0, epochs, metrics, checkpoints
+``group_worker`` one (stage, group) node per worker (``engine.placement=groups``)
+``launch``       spawning the workers on this machine, or joining torchrun
+``faults``       failure reports of workers and the rank the launcher blames
+==============  ==============================================================
 
 The engine itself (what one rank does per batch) is
-:class:`locallearn.engines.pipeline.PipelineEngine`. Importing this package does not
-import ``torch.distributed``; its modules do.
+:class:`locallearn.engines.pipeline.PipelineEngine`, or
+:class:`locallearn.engines.group_pipeline.GroupPipelineEngine` for one node.
+Importing this package does not import ``torch.distributed``; its modules do.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@
         ╰── waits; when one worker fails it gives the others `grace` seconds to stop,
             kills what is left and raises PipelineError naming the failed rank
 
+With ``engine.placement=groups`` (and ``split.groups=G``) there are K x G workers, one
+per (stage, group) node (:mod:`locallearn.distributed.group_worker`).
+
 Under ``torchrun --nnodes N --nproc-per-node M -m locallearn train ...`` every process
 is already a worker: rank, world size and rendezvous come from torchrun's environment
 (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and torchrun
