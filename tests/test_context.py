@@ -160,3 +160,19 @@ def test_recomputed_encoders_train_identically_with_less_saved_memory() -> None:
     (plain_bytes, plain), (lean_bytes, lean) = results
     assert lean_bytes < plain_bytes
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, lean))  # incl. BN running stats
+
+
+def test_stage_costs_count_the_context_encoders() -> None:
+    from locallearn.measure import macs, param_count
+    from locallearn.train import stage_costs
+
+    plain, ctx = context_net("none"), context_net("R1E")
+    x = torch.randn(2, *SHAPE)
+    a, b = stage_costs(plain, x), stage_costs(ctx, x)
+    assert a[0] == b[0]  # the first stage gets no context
+    for k in (1, 2):
+        enc = ctx.stages[k].context
+        assert b[k]["context_macs"] > 0 and a[k]["context_macs"] == 0
+        assert b[k]["macs"] == a[k]["macs"] + b[k]["context_macs"]
+        assert b[k]["params"] == a[k]["params"] + param_count(enc)
+    assert macs(lambda: plain.stages[1].body(torch.randn(2, *plain.stages[1].in_shape))) // 2 == a[1]["macs"]

@@ -142,6 +142,20 @@ def part_a_long(data: Any, record: Any, seeds: tuple[int, ...] = (0, 1)) -> None
                                                                 f"train.seed={seed}"]))
 
 
+def part_b_long(data: Any, record: Any) -> None:
+    """Part (b) at the larger budget: BP, and K=8 plain versus the recomputed encoders E, R1E."""
+    common = ["model.name=resnet20", f"model.options={{width: {RESNET_WIDTH}}}"]
+    record("b", "BP", train_one(data, [*common, "engine.name=backprop", "engine.aux_heads=false",
+                                       "split.k=1"]))
+    backbone = build_model("resnet20", (3, 32, 32), 10, width=RESNET_WIDTH)
+    cuts = find_cuts(backbone, 8, "memory")
+    for mode in ("none", "E", "R1E"):
+        run = [*common, "split.k=8", "split.by=cuts", f"split.cuts={cuts}", f"context.name={mode}"]
+        if mode != "none":
+            run.append("context.recompute=true")
+        record("b", f"K=8 {'plain' if mode == 'none' else mode + ' recompute'}", train_one(data, run))
+
+
 def part_b(data: Any, record: Any) -> None:
     common = ["model.name=resnet20", f"model.options={{width: {RESNET_WIDTH}}}"]
     record("b", "BP", train_one(data, [*common, "engine.name=backprop", "engine.aux_heads=false",
@@ -195,8 +209,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 256 train / 128 test images, 1 epoch, results_quick.*")
     p.add_argument("--long", action="store_true",
-                   help="part a only, at 20k train / 5k test images x 4 epochs and seeds 0, 1: "
-                        "results_long.*")
+                   help="parts a (seeds 0, 1) and b (K=8) at 20k train / 5k test images x 4 "
+                        "epochs: results_long.*")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     stem = "results_quick" if args.quick else "results_long" if args.long else "results"
@@ -204,7 +218,6 @@ def main() -> None:
         BUDGET.update(train_subset=256, test_subset=128, epochs=1)
     if args.long:
         BUDGET.update(train_subset=20000, test_subset=5000, epochs=4)
-        args.part = "a"
     out = HERE / f"{stem}.json"
     results: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
     results["environment"] = environment("cpu", args.threads)
@@ -234,7 +247,7 @@ def main() -> None:
             (part_a_long if args.long else part_a)(data, record)
         if args.part in ("all", "b"):
             results["b"] = {}
-            part_b(data, record)
+            (part_b_long if args.long else part_b)(data, record)
     print(markdown(results))
 
 

@@ -379,7 +379,8 @@ def node_optimizer_state(stage: nn.Module, node: GroupNode, opt: dict[str, Any])
 
 # -- compute accounting ------------------------------------------------------------------
 
-def _context_and_body(stage: nn.Module, h: Any, trail: list) -> tuple[int, int, Any]:
+def context_and_body(stage: nn.Module, h: Any, trail: list) -> tuple[int, int, Any]:
+    """MACs of a stage's context encoders and of its body on ``h``, and the body's output."""
     ctx_macs = 0
     if stage.context is not None:
         ctx_macs = macs(lambda: stage.context(h, trail))
@@ -420,7 +421,7 @@ def node_costs(net: LocalNet, sample: Any) -> dict[str, Any]:
     nodes, trail, h = [], [], sample
     for s, stage in enumerate(net.stages):
         trail.append(h)
-        ctx, body, out = _context_and_body(stage, h, trail)
+        ctx, body, out = context_and_body(stage, h, trail)
         obj_total, heads = _objective_macs(stage, out, y)
         shared = ctx + body + obj_total - sum(heads)
         for g, head in enumerate(heads):

@@ -31,7 +31,7 @@ from locallearn.data.strong_augment import build_augment
 from locallearn.difficulty import apply_difficulty
 from locallearn.engines import Engine, build_engine
 from locallearn.evaluate import evaluate
-from locallearn.groups import node_costs
+from locallearn.groups import context_and_body, node_costs
 from locallearn.measure import (
     SavedTensorsMeter,
     Timer,
@@ -125,17 +125,24 @@ def stack_views(augment: Any, views: int) -> Any:
     return many
 
 
+@torch.no_grad()
 def stage_costs(net: LocalNet, sample: Any) -> list[dict[str, int]]:
-    """Parameters and MACs per sample of every stage's body and objective."""
-    rows = []
-    h = sample
+    """Parameters and MACs per sample of every stage's body and objective.
+
+    ``macs`` and ``params`` include the stage's context encoders (context supply), which
+    run at inference too; ``context_macs`` is their share.
+    """
+    rows, trail, h, n = [], [], sample, len(sample)
+    net.eval()
     for stage in net.stages:
-        body_macs = macs(lambda: stage.body.eval()(h)) // len(sample)
-        with torch.no_grad():
-            out = stage.body(h)
-        head_macs = macs(lambda: stage.objective.eval().predict(out)) // len(sample)
-        rows.append({"params": param_count(stage.body), "head_params": param_count(stage.objective),
-                     "macs": body_macs, "head_macs": head_macs})
+        trail.append(h)
+        ctx_macs, body_macs, out = context_and_body(stage, h, trail)
+        head_macs = macs(lambda: stage.objective.predict(out)) // n
+        ctx_params = param_count(stage.context) if stage.context is not None else 0
+        rows.append({"params": param_count(stage.body) + ctx_params,
+                     "head_params": param_count(stage.objective),
+                     "macs": (body_macs + ctx_macs) // n, "context_macs": ctx_macs // n,
+                     "head_macs": head_macs})
         h = out
     net.train()
     return rows
