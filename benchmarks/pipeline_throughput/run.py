@@ -243,6 +243,8 @@ def groups_table(ctx: Any, out: str, batch: int, steps: int, epochs: int) -> lis
         print(f"{SCALING_MODEL} K={k} G=2", flush=True)
         m = {f"local K={k} G=2, 1 process x 1 thread": measure("local 1x1", lambda: single(
                  ctx, [*cfg, *GROUPS, "engine=local", f"split.k={k}"], 1)),
+             f"local K={k} G=2, 1 process x 2 threads": measure("local 1x2", lambda: single(
+                 ctx, [*cfg, *GROUPS, "engine=local", f"split.k={k}"], 2)),
              f"nodes K={k} x G=2, {2 * k} workers x 1 thread": measure(
                  f"nodes {2 * k}x1", lambda: group_nodes(cfg, k))}
         if k == 2:
@@ -294,7 +296,7 @@ def main() -> None:
         if "groups" in a.parts:
             rows = groups_table(ctx, out, a.batch, a.steps, a.epochs)
             print(write_results(HERE, "groups", [
-                "mode", "images/s", "speedup vs local (same K)", "pipeline efficiency",
+                "mode", "images/s", "speedup vs local 1 thread (same K)", "pipeline efficiency",
                 "load avg"], rows,
                 {**common, "steps": f"{a.steps} steps per epoch", "model": SCALING_MODEL,
                  "groups": "split.groups=2, objective.detach_ratio=1, diversity_weight=0.5; "
