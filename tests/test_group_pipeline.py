@@ -157,3 +157,16 @@ def test_a_first_stage_node_without_the_batch_is_an_error() -> None:
     engine = GroupPipelineEngine(group_nodes(net.stages[0])[0], 0, K, world=None, siblings=None)
     with pytest.raises(ValueError, match="rank 0.* needs the batch"):
         engine.step(net, [sgd(engine.node.parameters())])
+
+
+def test_a_node_whose_head_cannot_predict_refuses_the_diversity_penalty() -> None:
+    from locallearn.objectives.groups import GroupObjectiveError
+
+    torch.manual_seed(0)
+    net = LocalNet.from_backbone(build_model("vgg6a", SHAPE, 10, width=0.125), K,
+                                 objective="supcon", head="0c1f", groups=G,
+                                 group_options={"diversity_weight": 0.5})
+    node = group_nodes(net.stages[0])[0]
+    out = node(torch.randn(4, *SHAPE))
+    with pytest.raises(GroupObjectiveError, match="diversity_weight=0.5 needs heads that predict"):
+        node.local_loss(out, torch.tensor([0, 1, 0, 1]), [node.message(out)] * G)

@@ -41,9 +41,13 @@ from locallearn.models.blocks import first_tensor
 from locallearn.models.layers import ConvBNReLU
 from locallearn.models.resnet import BasicBlock, PadShortcut
 from locallearn.objectives.base import Objective
-from locallearn.objectives.ce import HeadCE
 from locallearn.objectives.diversity import diversity_penalty
-from locallearn.objectives.groups import GroupObjective, find_group_objective, view_width
+from locallearn.objectives.groups import (
+    GroupObjective,
+    find_group_objective,
+    head_loss_and_logits,
+    view_width,
+)
 
 if TYPE_CHECKING:
     from locallearn.network import LocalNet
@@ -253,12 +257,7 @@ class GroupNode(nn.Module):
             y: targets.
             messages: every node's :meth:`message`, in group order (this node's is unused).
         """
-        view = self.view(out, messages)
-        if self.weight > 0 and isinstance(self.objective, HeadCE):
-            logits = self.objective.head(view)
-            return nn.functional.cross_entropy(logits, y), logits
-        logits = self.objective.predict(view) if self.weight > 0 else None
-        return self.objective.loss(view, y), logits
+        return head_loss_and_logits(self.objective, self.view(out, messages), y, self.weight)
 
     def diversity(self, logits: torch.Tensor, y: torch.Tensor,
                   siblings: Sequence[torch.Tensor]) -> torch.Tensor:

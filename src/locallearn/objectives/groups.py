@@ -70,6 +70,24 @@ def group_view(h: torch.Tensor, groups: int, g: int, ratio: float) -> torch.Tens
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
+def head_loss_and_logits(obj: Objective, view: torch.Tensor, y: torch.Tensor,
+                         diversity_weight: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A group head's loss on its view, and its logits if the diversity penalty needs them.
+
+    Raises:
+        GroupObjectiveError: if the penalty is on but the head cannot predict classes.
+    """
+    if isinstance(obj, HeadCE):  # one head pass gives both loss and logits
+        logits = obj.head(view)
+        return nn.functional.cross_entropy(logits, y), logits
+    logits = obj.predict(view) if diversity_weight > 0 else None
+    if diversity_weight > 0 and logits is None:
+        raise GroupObjectiveError(
+            f"objective.diversity_weight={diversity_weight} needs heads that predict classes, "
+            f"but {type(obj).__name__} does not; set objective.diversity_weight=0")
+    return obj.loss(view, y), logits
+
+
 class GroupObjective(Objective):
     """G sub-objectives, one per width group, with stop-gradient views and a diversity penalty.
 
@@ -100,16 +118,8 @@ class GroupObjective(Objective):
 
     def _loss_and_logits(self, g: int, h: Activation, y: torch.Tensor,
                          need_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        obj, v = self.objectives[g], self.view(h, g)
-        if isinstance(obj, HeadCE):  # one head pass gives both loss and logits
-            logits = obj.head(v)
-            return nn.functional.cross_entropy(logits, y), logits
-        logits = obj.predict(v) if need_logits else None
-        if need_logits and logits is None:
-            raise GroupObjectiveError(
-                f"objective.diversity_weight={self.diversity_weight} needs heads that predict "
-                f"classes, but {type(obj).__name__} does not; set objective.diversity_weight=0")
-        return obj.loss(v, y), logits
+        return head_loss_and_logits(self.objectives[g], self.view(h, g), y,
+                                    self.diversity_weight if need_logits else 0.0)
 
     def group_loss(self, h: Activation, y: torch.Tensor, g: int) -> torch.Tensor:
         """The loss of node ``g`` alone (without the diversity penalty)."""
