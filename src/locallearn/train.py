@@ -227,8 +227,7 @@ class Trainer:
             else:
                 losses = self.engine.step(self.net, self.optimizers, x, y)
             self.check_finite(losses)
-            for s in self.schedulers:
-                s.step()
+            self.step_schedules()
             for j, v in enumerate(losses):
                 if not math.isnan(v):
                     sums[j] += v
@@ -240,6 +239,18 @@ class Trainer:
                 "saved_bytes_peak": saved_peak, "peak_rss": peak_rss_bytes(),
                 "cuda_peak": cuda_peak_bytes(self.device),
                 "lr": self.schedulers[-1].get_last_lr()[0]}
+
+    def step_schedules(self) -> None:
+        """Step every stage's LR schedule once, after a batch.
+
+        A schedule follows the run, not its stage: it also steps when its optimizer did
+        not (a stage waiting for its trigger, or in the pipeline a stage of another
+        rank), so torch's warning about that order is silenced here (only here).
+        """
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            for s in self.schedulers:
+                s.step()
 
     def check_finite(self, losses: list[float]) -> None:
         """Stop with an error naming the stage and epoch if a trained stage's loss is not finite."""
@@ -281,9 +292,6 @@ class Trainer:
         if not hasattr(self.engine, "active"):
             raise TrainingError(f"engine {self.engine.name} cannot follow train.accumulate; "
                                 "use engine=local or engine=pipeline")
-        # A stage that waits for its trigger steps its LR schedule without stepping its
-        # optimizer (the schedule follows the run, not the stage): not a mistake here.
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
         active = self.schedule.active(self.epoch)
         self.engine.active = active
         if self._train_costs is None:

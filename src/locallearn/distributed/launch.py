@@ -35,7 +35,6 @@ import tempfile
 import threading
 import time
 import traceback
-import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -252,7 +251,6 @@ def run_worker(cfg: RunConfig, resume: str | Path | None, run_dir: Path | None,
     control = Control(dist.group.WORLD, env.rank, env.world)
     backend = choose_backend(cfg.engine.backend, device, control)
     data_group = dist.new_group(backend=backend, timeout=timeout)
-    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
     data = None
     if env.rank == 0:
         setup, data = prepare(cfg, resume, run_dir)

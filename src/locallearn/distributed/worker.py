@@ -184,8 +184,7 @@ class PipelineTrainer(Trainer):
             else:
                 losses = engine.step(self.net, self.optimizers, x, y)
             self.check_finite(losses)
-            for sched in self.schedulers:
-                sched.step()
+            self.step_schedules()
             for k, v in enumerate(losses):
                 if not math.isnan(v):
                     sums[k], counts[k] = sums[k] + v, counts[k] + 1
