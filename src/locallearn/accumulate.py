@@ -145,7 +145,11 @@ def _compressed(factor: Callable[[int], float], offset: int, total: int) -> Call
 
 @torch.no_grad()
 def stage_train_costs(net: LocalNet, x: Activation, y: torch.Tensor) -> list[tuple[int, int]]:
-    """Per-sample MACs of each stage's body forward and its local loss (objective + predictor)."""
+    """Per-sample MACs of each stage's body forward and its local loss (objective + predictor).
+
+    Each stage runs where its parameters are (a pipeline rank keeps only its own stages
+    on its device), so the activations follow it there.
+    """
     n = len(y)
     was = net.training
     net.eval()
@@ -153,6 +157,9 @@ def stage_train_costs(net: LocalNet, x: Activation, y: torch.Tensor) -> list[tup
     trail: list[Activation] = []
     h = x
     for stage in cast(list[Stage], list(net.stages)):
+        device = next(stage.parameters()).device
+        h, y = _to(h, device), y.to(device)
+        trail = [_to(t, device) for t in trail]
         trail.append(h)
         inp = h
         body = macs(lambda: stage(inp, trail)) // n  # noqa: B023 (called right here)
@@ -161,6 +168,10 @@ def stage_train_costs(net: LocalNet, x: Activation, y: torch.Tensor) -> list[tup
         rows.append((body, macs(lambda: stage_loss(stage, out, y)) // n))  # noqa: B023
     net.train(was)
     return rows
+
+
+def _to(a: Activation, device: torch.device) -> Activation:
+    return tuple(t.to(device) for t in a) if isinstance(a, tuple) else a.to(device)
 
 
 def compute_fraction(costs: Sequence[tuple[int, int]], active: set[int] | None) -> float:

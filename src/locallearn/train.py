@@ -163,7 +163,7 @@ class Trainer:
                  run_dir: Path | None = None, engine: Engine | None = None) -> None:
         self.cfg, self.data, self.run_dir = cfg, data, run_dir
         self.device = torch.device(cfg.engine.device)
-        self.net = net.to(self.device)
+        self.net = self.place(net)
         self.engine = engine or build_engine(cfg.engine.name, aux_heads=cfg.engine.aux_heads)
         self.steps_per_epoch = math.ceil(len(data.train) / cfg.data.batch_size)
         total = self.steps_per_epoch * cfg.train.epochs
@@ -182,6 +182,10 @@ class Trainer:
         self._train_costs: list[tuple[int, int]] | None = None  # MACs per stage, for the log
         if self.schedule is not None:  # a stage that joins late gets a whole LR schedule
             delay_lr_schedules(self.schedulers, self.schedule, self.steps_per_epoch, total)
+
+    def place(self, net: LocalNet) -> LocalNet:
+        """Move what this process trains to its device (here: the whole net)."""
+        return net.to(self.device)
 
     def build_optimizer(self, params: Any) -> torch.optim.Optimizer:
         """The configured optimizer over ``params`` (one per stage)."""

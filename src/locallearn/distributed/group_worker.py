@@ -58,6 +58,10 @@ class GroupPipelineTrainer(PipelineTrainer):
         self.schedulers[k] = self.build_scheduler(self.optimizers[k])
         self._layouts: dict[tuple[int, int], GroupNode] = {}
 
+    @staticmethod
+    def own_stages(engine: Any) -> range:
+        return range(0)  # the node holds its own copies of its slices; the net stays on the CPU
+
     def layout(self, k: int, g: int) -> GroupNode:
         """A node (k, g) built from the whole network: where its state lives there."""
         if (k, g) not in self._layouts:
@@ -129,8 +133,8 @@ def build_group_trainer(setup: Setup, data: DataSplits | None, rank: int, world:
                                timeout=timeout) for s in range(k)]  # every rank makes all of them
     torch.set_rng_state(setup.rng)  # every rank initialises the net as a single process would
     data = data if data is not None else placeholder_data(setup.data)
-    net = build_net(cfg, data).to(device)
-    node = GroupNode(net.stages[stage], g)
+    net = build_net(cfg, data)
+    node = GroupNode(net.stages[stage], g).to(device)
     wire = device if backend == "nccl" else torch.device("cpu")
     engine = GroupPipelineEngine(node, stage, k, data_group, siblings[stage], wire, device)
     session = Session(rank, world, device, threads, backend, control, node_ranges(k, groups))

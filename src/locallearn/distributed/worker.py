@@ -145,6 +145,7 @@ class PipelineTrainer(Trainer):
                  session: Session, engine: PipelineEngine) -> None:
         local = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine,
                                                                     device=str(session.device)))
+        self._own_stages = self.own_stages(engine)
         super().__init__(net, data, local, run_dir if session.first else None, engine)
         self.run_cfg, self.folder, self.session = cfg, Path(run_dir), session
         self.engine: PipelineEngine = engine
@@ -154,6 +155,18 @@ class PipelineTrainer(Trainer):
         if not session.first:
             self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train,
                                                                                progress=False))
+
+    @staticmethod
+    def own_stages(engine: Any) -> range:
+        """The stages whose parameters this rank trains in place."""
+        return engine.stages
+
+    def place(self, net: Any) -> Any:
+        """Only this rank's stages go to its device; the rest of the net (which every rank
+        builds, to initialise it as one process would) stays on the CPU, untouched."""
+        for k in self._own_stages:
+            net.stages[k].to(self.device)
+        return net
 
     def _trained(self, k: int) -> bool:
         return k in self.engine.stages and super()._trained(k)
@@ -261,6 +274,7 @@ class PipelineTrainer(Trainer):
             return {}
         # rank 0 takes every rank's trained stages: summaries and probes see the whole net
         self.net.load_state_dict(self.merged_state([f[0] for f in final])["net"])
+        self.net.to(self.device)
         rss = [f[1] for f in final]
         out = self.summary(seconds)
         eff = [r["pipeline_efficiency"] for r in self.history if "pipeline_efficiency" in r]
