@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, cast
 
 import yaml
 
@@ -173,7 +173,7 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 value = {"name": value}  # `engine: pipeline` means engine.name
-            kwargs[key] = _build(hint, value, f"{prefix}{key}.")
+            kwargs[key] = _build(cast(type, hint), value, f"{prefix}{key}.")
         else:
             kwargs[key] = _check_value(f"{prefix}{key}", value, hint)
     return cls(**kwargs)

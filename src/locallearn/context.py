@@ -42,7 +42,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +103,7 @@ class InputEncoder(nn.Module):
 
     def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> None:
         super().__init__()
-        self.size = tuple(out_shape[1:])
+        self.size = cast("tuple[int, int]", tuple(out_shape[1:]))  # (H, W) of a (C, H, W) shape
         self.net = nn.Sequential(nn.Conv2d(in_shape[0], out_shape[0], 3, padding=1, bias=False),
                                  nn.BatchNorm2d(out_shape[0]), nn.ReLU(inplace=True))
 
@@ -116,7 +116,7 @@ class BoundaryEncoder(nn.Module):
 
     def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> None:
         super().__init__()
-        self.size = tuple(out_shape[1:])
+        self.size = cast("tuple[int, int]", tuple(out_shape[1:]))  # (H, W) of a (C, H, W) shape
         self.net = nn.Sequential(nn.Conv2d(in_shape[0], out_shape[0], 1, bias=False),
                                  nn.BatchNorm2d(out_shape[0]), nn.ReLU(inplace=True))
 
@@ -177,8 +177,10 @@ class StageContext(nn.Module):
         for tap in self.taps:
             tap.set_target(trail[0])
         again = self.recompute and self.training and torch.is_grad_enabled()
-        for j, encoder in zip(self.sources, self.encoders):
-            c = _resize(trail[j], encoder.size)  # no parameters: outside the checkpoint
+        for j, module in zip(self.sources, self.encoders):
+            encoder = cast("InputEncoder | BoundaryEncoder", module)
+            # no parameters: outside the checkpoint (trail[j] is an image batch: _check_image)
+            c = _resize(cast(torch.Tensor, trail[j]), encoder.size)
             h = h + (checkpoint(encoder.net, c, use_reentrant=False) if again else encoder.net(c))
         return h
 

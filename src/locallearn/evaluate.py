@@ -7,7 +7,7 @@ stage k weighted by 2^k (deeper stages count more), normalised.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -30,7 +30,7 @@ def evaluate(net: LocalNet, batches: Iterable[tuple[Activation, torch.Tensor]]) 
     net.eval()
     correct = torch.zeros(net.k)
     can_predict = [True] * net.k
-    ens = {"ens_uniform": 0, "ens_weighted": 0}
+    ens: dict[str, float] = {"ens_uniform": 0, "ens_weighted": 0}
     n = 0
     groups = GroupAccuracy(net)
     for x, y in batches:
@@ -49,7 +49,7 @@ def evaluate(net: LocalNet, batches: Iterable[tuple[Activation, torch.Tensor]]) 
             if not probs:  # no stage can predict (a self-supervised net): no ensemble
                 break
             total = sum(weight(k) for k, _ in probs)
-            avg = sum(weight(k) * p for k, p in probs) / total
+            avg = cast(torch.Tensor, sum(weight(k) * p for k, p in probs) / total)  # probs: tensors
             ens[key] += (avg.argmax(1) == y).sum().item()
         n += len(y)
     net.train(was)

@@ -30,8 +30,8 @@ largest node is the critical path when every node has its own device.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -50,7 +50,9 @@ from locallearn.objectives.groups import (
 )
 
 if TYPE_CHECKING:
-    from locallearn.network import LocalNet
+    from locallearn.network import LocalNet, Stage
+
+_Pair = tuple[int, int]  # nn.Conv2d's kernel_size, stride and padding (stored as tuple[int, ...])
 
 
 class GroupError(ValueError):
@@ -65,8 +67,9 @@ def _grouped(conv: nn.Conv2d, groups: int, where: str) -> nn.Conv2d:
                              f"{where} ({conv.in_channels} -> {conv.out_channels} channels); "
                              f"choose a G that divides every width, or build the model with "
                              f"model.options.channel_multiple={groups}")
-    new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                    conv.padding, groups=groups, bias=conv.bias is not None)
+    new = nn.Conv2d(conv.in_channels, conv.out_channels, cast(_Pair, conv.kernel_size),
+                    cast(_Pair, conv.stride), cast("str | _Pair", conv.padding), groups=groups,
+                    bias=conv.bias is not None)
     nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
     return new.to(conv.weight.device)
 
@@ -108,10 +111,10 @@ def _group_shortcut(block: BasicBlock, groups: int, first: bool, where: str) -> 
                              f"padded channels of the {where} shortcut")
         sc.groups = groups
     elif isinstance(sc, nn.Sequential):
-        sc[0] = _grouped(sc[0], groups, f"{where} shortcut")
+        sc[0] = _grouped(cast(nn.Conv2d, sc[0]), groups, f"{where} shortcut")
 
 
-def group_body(blocks: Sequence[nn.Module], groups: int, stage: int = 0,
+def group_body(blocks: nn.Sequential | Sequence[nn.Module], groups: int, stage: int = 0,
                first_block: int = 0) -> None:
     """Split the blocks of one stage into ``groups`` width groups, in place (see module doc).
 
@@ -146,10 +149,12 @@ def _node_conv(conv: nn.Conv2d, groups: int, g: int) -> nn.Conv2d:
     """Group g's output rows of ``conv``; it reads every channel if ``conv`` is ungrouped, else group g's."""
     rows = _rows(conv.out_channels, groups, g)
     c_in = conv.in_channels if conv.groups == 1 else conv.in_channels // groups
-    new = nn.Conv2d(c_in, rows.stop - rows.start, conv.kernel_size, conv.stride, conv.padding,
+    new = nn.Conv2d(c_in, rows.stop - rows.start, cast(_Pair, conv.kernel_size),
+                    cast(_Pair, conv.stride), cast("str | _Pair", conv.padding),
                     bias=conv.bias is not None).to(conv.weight.device)
     new.weight.copy_(conv.weight[rows])
     if conv.bias is not None:
+        assert new.bias is not None  # built with bias=True
         new.bias.copy_(conv.bias[rows])
     return new
 
@@ -163,6 +168,7 @@ def _node_bn(bn: nn.BatchNorm2d, groups: int, g: int) -> nn.BatchNorm2d:
         if getattr(bn, name) is not None:
             getattr(new, name).copy_(getattr(bn, name)[rows])
     if bn.num_batches_tracked is not None:
+        assert new.num_batches_tracked is not None  # same track_running_stats as bn
         new.num_batches_tracked.copy_(bn.num_batches_tracked)
     return new
 
@@ -188,7 +194,8 @@ class _NodeBasicBlock(nn.Module):
         sc, rows = block.shortcut, _rows(block.conv2.out_channels, groups, g)
         self.shortcut: nn.Module
         if isinstance(sc, nn.Sequential):
-            self.shortcut = nn.Sequential(_node_conv(sc[0], groups, g), _node_bn(sc[1], groups, g))
+            self.shortcut = nn.Sequential(_node_conv(cast(nn.Conv2d, sc[0]), groups, g),
+                                          _node_bn(cast(nn.BatchNorm2d, sc[1]), groups, g))
         elif isinstance(sc, PadShortcut) and sc.groups == groups:
             self.shortcut = PadShortcut(sc.extra_channels // groups, sc.stride)
         else:  # reads the whole stage input: compute it, keep group g's channels
@@ -220,7 +227,7 @@ class GroupNode(nn.Module):
         GroupError: if the stage has no width groups or has a part that is not per group.
     """
 
-    def __init__(self, stage: nn.Module, g: int) -> None:
+    def __init__(self, stage: Stage, g: int) -> None:
         super().__init__()
         obj = stage.objective
         if not isinstance(obj, GroupObjective) or stage.context is not None or stage.predictor:
@@ -230,8 +237,8 @@ class GroupNode(nn.Module):
         self.ratio, self.weight, self.temperature = (obj.detach_ratio, obj.diversity_weight,
                                                      obj.temperature)
         self.body = nn.Sequential(*[_node_block(b, obj.groups, g, j == 0)
-                                    for j, b in enumerate(stage.body)])
-        self.objective: Objective = copy.deepcopy(obj.objectives[g])
+                                    for j, b in enumerate(cast(nn.Sequential, stage.body))])
+        self.objective = cast(Objective, copy.deepcopy(obj.objectives[g]))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Group g's output channels, from the full stage input ``h``."""
@@ -266,12 +273,13 @@ class GroupNode(nn.Module):
         Its gradient equals that of the stage penalty with respect to this node's logits.
         """
         pairs = self.groups * (self.groups - 1) / 2
-        total = sum(diversity_penalty([logits, s.detach()], y, self.temperature)
-                    for j, s in enumerate(siblings) if j != self.g)
+        # a Tensor, not sum()'s start 0: a grouped stage has G >= 2, so a sibling
+        total = cast(torch.Tensor, sum(diversity_penalty([logits, s.detach()], y, self.temperature)
+                                       for j, s in enumerate(siblings) if j != self.g))
         return self.weight * total / pairs
 
 
-def group_nodes(stage: nn.Module) -> list[GroupNode]:
+def group_nodes(stage: Stage) -> list[GroupNode]:
     """The G :class:`GroupNode` of a stage with width groups (copies of its slices)."""
     obj = find_group_objective(stage.objective)
     if obj is None:
@@ -281,10 +289,10 @@ def group_nodes(stage: nn.Module) -> list[GroupNode]:
 
 # -- node <-> stage state: checkpoints of nodes that trained apart -----------------------
 
-def _state_pairs(stage: nn.Module, g: int, groups: int) -> list[tuple[str, str, slice | None]]:
+def _state_pairs(stage: Stage, g: int, groups: int) -> list[tuple[str, str, slice | None]]:
     """(node prefix, stage prefix, output rows) of every module of node g that holds state."""
     pairs: list[tuple[str, str, slice | None]] = [("objective.", f"objective.objectives.{g}.", None)]
-    for j, block in enumerate(stage.body):
+    for j, block in enumerate(cast(nn.Sequential, stage.body)):
         if isinstance(block, ConvBNReLU):
             rows = _rows(block.conv.out_channels, groups, g)
             pairs += [(f"body.{j}.0.", f"body.{j}.conv.", rows), (f"body.{j}.1.", f"body.{j}.bn.", rows)]
@@ -295,7 +303,7 @@ def _state_pairs(stage: nn.Module, g: int, groups: int) -> list[tuple[str, str, 
     return pairs
 
 
-def node_state_map(stage: nn.Module, node: GroupNode) -> dict[str, tuple[str, slice | None]]:
+def node_state_map(stage: Stage, node: GroupNode) -> dict[str, tuple[str, slice | None]]:
     """Where every entry of ``node.state_dict()`` lives in ``stage.state_dict()``.
 
     Returns:
@@ -333,7 +341,7 @@ def write_node_part(stage_state: dict[str, torch.Tensor], node_state: dict[str, 
         target.copy_(node_state[nk]) if rows is None else target[rows].copy_(node_state[nk])
 
 
-def _param_links(stage: nn.Module, node: GroupNode) -> list[tuple[int, int, slice | None]]:
+def _param_links(stage: Stage, node: GroupNode) -> list[tuple[int, int, slice | None]]:
     """(node parameter index, stage parameter index, rows): optimizer states are indexed so."""
     key_map = node_state_map(stage, node)
     index = {name: i for i, (name, _) in enumerate(stage.named_parameters())}
@@ -341,7 +349,7 @@ def _param_links(stage: nn.Module, node: GroupNode) -> list[tuple[int, int, slic
             for i, (name, _) in enumerate(node.named_parameters())]
 
 
-def merge_optimizer_states(stage: nn.Module, parts: Sequence[tuple[GroupNode, dict[str, Any]]]
+def merge_optimizer_states(stage: Stage, parts: Sequence[tuple[GroupNode, dict[str, Any]]]
                            ) -> dict[str, Any]:
     """The state dict of one optimizer over ``stage.parameters()`` from its nodes' optimizers.
 
@@ -366,7 +374,7 @@ def merge_optimizer_states(stage: nn.Module, parts: Sequence[tuple[GroupNode, di
     return {"state": dict(sorted(state.items())), "param_groups": groups}
 
 
-def node_optimizer_state(stage: nn.Module, node: GroupNode, opt: dict[str, Any]) -> dict[str, Any]:
+def node_optimizer_state(stage: Stage, node: GroupNode, opt: dict[str, Any]) -> dict[str, Any]:
     """A node's optimizer state dict cut from the state dict of its stage's optimizer."""
     links = _param_links(stage, node)
     state = {i: {key: v[rows].clone() if isinstance(v, torch.Tensor) and rows is not None and v.dim()
@@ -378,25 +386,29 @@ def node_optimizer_state(stage: nn.Module, node: GroupNode, opt: dict[str, Any])
 
 # -- compute accounting ------------------------------------------------------------------
 
-def context_and_body(stage: nn.Module, h: Any, trail: list) -> tuple[int, int, Any]:
+def context_and_body(stage: Stage, h: Any, trail: list) -> tuple[int, int, Any]:
     """MACs of a stage's context encoders and of its body on ``h``, and the body's output."""
     ctx_macs = 0
-    if stage.context is not None:
-        ctx_macs = macs(lambda: stage.context(h, trail))
-        h = stage.context(h, trail)
+    context = stage.context
+    if context is not None:
+        ctx_macs = macs(lambda: context(h, trail))
+        h = context(h, trail)
     body_macs = macs(lambda: stage.body(h))
     return ctx_macs, body_macs, stage.body(h)
 
 
-def _objective_macs(stage: nn.Module, out: Any, y: torch.Tensor) -> tuple[int, list[int]]:
+def _objective_macs(stage: Stage, out: Any, y: torch.Tensor) -> tuple[int, list[int]]:
     """MACs of the stage's whole objective (+ predictor) and of each group's own head."""
     total = macs(lambda: stage.objective.loss(out, y))
-    if stage.predictor is not None:
-        total += macs(lambda: stage.predictor.loss(out, y))
+    predictor = stage.predictor
+    if predictor is not None:
+        total += macs(lambda: predictor.loss(out, y))
     group = find_group_objective(stage.objective)
     if group is None:
         return total, [0]
-    return total, [macs(lambda g=g: group.group_loss(out, y, g)) for g in range(group.groups)]
+    # the cast: mypy cannot infer a lambda with a default argument against Callable[[], Any]
+    return total, [macs(cast("Callable[[], Any]", lambda g=g: group.group_loss(out, y, g)))
+                   for g in range(group.groups)]
 
 
 @torch.no_grad()
@@ -459,6 +471,7 @@ class GroupAccuracy:
         for obj, counts, out in zip(self.objectives, self.correct, outputs):
             if obj is None:
                 continue
+            assert counts is not None  # None exactly for the stages without a group objective
             for g, logits in enumerate(obj.group_logits(out)):
                 if logits is not None:
                     counts[g] += int((logits.argmax(1) == y).sum())

@@ -9,13 +9,13 @@ where gradients stop; a LocalNet itself is an ordinary ``nn.Module``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, cast, overload
 
 import torch
 from torch import nn
 
-from locallearn.context import build_context, find_cuts_with_context
+from locallearn.context import StageContext, build_context, find_cuts_with_context
 from locallearn.groups import group_body
 from locallearn.models.blocks import Activation, Backbone, infer_shapes
 from locallearn.objectives.base import Objective, build_objective
@@ -61,12 +61,27 @@ class Stage(nn.Module):
         return self.objective.predict(out)
 
 
+if TYPE_CHECKING:
+    class _StageList(nn.ModuleList):
+        """What the type checker sees as :attr:`LocalNet.stages`: a ModuleList of Stage."""
+
+        def __iter__(self) -> Iterator[Stage]: ...
+
+        @overload
+        def __getitem__(self, idx: slice) -> _StageList: ...
+
+        @overload
+        def __getitem__(self, idx: int) -> Stage: ...
+
+        def __getitem__(self, idx: int | slice) -> Stage | _StageList: ...
+
+
 class LocalNet(nn.Module):
     """The stages of a model in order. ``forward`` is plain inference: the last stage's logits."""
 
     def __init__(self, stages: Sequence[Stage], num_classes: int) -> None:
         super().__init__()
-        self.stages = nn.ModuleList(stages)
+        self.stages = cast("_StageList", nn.ModuleList(stages))
         self.num_classes = num_classes
 
     @property
@@ -81,7 +96,8 @@ class LocalNet(nn.Module):
     def needs(self, k: int) -> list[int]:
         """Trail indices stage ``k`` reads besides its input (what a pipeline must send it)."""
         ctx = self.stages[k].context
-        return list(ctx.needs()) if ctx is not None and hasattr(ctx, "needs") else []
+        return (list(cast(StageContext, ctx).needs())
+                if ctx is not None and hasattr(ctx, "needs") else [])
 
     def forward(self, x: Activation) -> torch.Tensor:
         trail: list[Activation] = []
@@ -155,6 +171,7 @@ class LocalNet(nn.Module):
                 opts.update(backbone.head_options)
             body = nn.Sequential(*backbone.blocks[r.start:r.stop])
             group_body(body, groups, i, r.start)
+            obj: Objective
             if groups > 1:
                 obj = build_group_objective(objective, out_shape, backbone.num_classes, groups,
                                             head=h, last=i == k - 1, **opts,

@@ -34,7 +34,7 @@ import re
 import tarfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -129,7 +129,7 @@ def read_imdb(source: Path) -> dict[str, RawText]:
 def _rows(path: Path, delimiter: str) -> list[tuple[int, list[str]]]:
     """The non-blank rows of a delimited file with their line numbers."""
     # GLUE TSVs are not quoted: a quote there is part of the sentence
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    quoting: Literal[0, 1, 2, 3] = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     with path.open(encoding="utf-8", errors="replace", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
         try:

@@ -25,7 +25,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -184,11 +184,14 @@ class Inbox:
         wait = timedelta(seconds=self.timeout)
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.wire_device)
         what = "receiving from the previous stage"
-        guard(what, self.src, lambda: dist.irecv(header, self.src, group=self.group).wait(wait))
+        # irecv returns None only on a rank outside the group; this rank is in it
+        guard(what, self.src,
+              lambda: cast(dist.Work, dist.irecv(header, self.src, group=self.group)).wait(wait))
         layout = Layout.parse(header.cpu())
         buffers = layout.buffers(self.wire_device)
         works = guard(what, self.src,
-                       lambda: [dist.irecv(b, self.src, group=self.group) for b in buffers])
+                       lambda: [cast(dist.Work, dist.irecv(b, self.src, group=self.group))
+                                for b in buffers])
         guard(what, self.src, lambda: [w.wait(wait) for w in works])
         return layout.packet(buffers, self.device)
 

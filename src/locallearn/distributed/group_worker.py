@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,7 @@ from locallearn.data import DataSplits
 from locallearn.distributed.comm import Control
 from locallearn.distributed.worker import PipelineTrainer, Session, Setup, placeholder_data
 from locallearn.engines.group_pipeline import GroupPipelineEngine
+from locallearn.engines.pipeline import PipelineEngine
 from locallearn.groups import (
     GroupNode,
     merge_optimizer_states,
@@ -52,7 +53,8 @@ class GroupPipelineTrainer(PipelineTrainer):
 
     def __init__(self, net: Any, data: DataSplits, cfg: RunConfig, run_dir: Path,
                  session: Session, engine: GroupPipelineEngine) -> None:
-        super().__init__(net, data, cfg, run_dir, session, engine)
+        # duck-typed: a GroupPipelineEngine has the interface of PipelineEngine the trainer uses
+        super().__init__(net, data, cfg, run_dir, session, cast(PipelineEngine, engine))
         k = engine.stage  # stage k's optimizer and schedule update this node, not the stage
         self.optimizers[k] = self.build_optimizer(engine.node.parameters())
         self.schedulers[k] = self.build_scheduler(self.optimizers[k])

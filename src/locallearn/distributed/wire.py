@@ -133,7 +133,7 @@ class Layout:
     def packet(self, tensors: list[torch.Tensor], device: torch.device | str = "cpu") -> Packet:
         """Rebuild the packet from its received tensors, moved to ``device``."""
         it = iter(t.to(device).to(dt) for t, (dt, _) in zip(tensors, self.specs))
-        slots = []
+        slots: list[Any] = []  # as Packet.slots: None, a tensor or a tuple of tensors
         for arity in self.arities:
             if arity < 0:
                 slots.append(None)

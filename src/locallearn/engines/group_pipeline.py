@@ -190,6 +190,7 @@ class GroupPipelineEngine:
         """
         given = Packet(TRAIN, x, y, total=len(y)) if x is not None and y is not None else None
         p = self._input(given, TRAIN)
+        assert p.y is not None  # a training packet carries its targets
         start = time.perf_counter()
         node = self.node
         out = node(detach(p.h))
@@ -244,6 +245,7 @@ class GroupPipelineEngine:
 
     def _eval_batch(self, tally: EvalTally, p: Packet) -> None:
         node, k, y = self.node, self.stage, p.y
+        assert y is not None  # an evaluation packet with a batch carries its targets
         out = node(p.h)
         messages = all_gather(self.siblings, node.message(out), self.groups, self.wire)
         logits = node.objective.predict(node.view(out, messages))

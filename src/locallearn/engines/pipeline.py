@@ -204,6 +204,7 @@ class PipelineEngine:
         seen = 0
         while True:  # later ranks take parts until the whole batch has arrived
             packet = self.inbox.get(TRAIN)
+            assert packet.y is not None  # a training packet carries its targets
             seen += len(packet.y)
             yield packet
             if seen >= packet.total:
@@ -213,6 +214,7 @@ class PipelineEngine:
                      losses: list[float]) -> Packet:
         """Forward, local loss and backward of this rank's stages on one (micro-)batch."""
         h, trail, y = p.h, list(p.trail), p.y
+        assert y is not None  # a training packet carries its targets
         share = len(y) / p.total  # the part's weight in the batch's mean loss
         for k in own:
             stage = net.stages[k]
@@ -266,6 +268,7 @@ class PipelineEngine:
     def _eval_batch(self, net: LocalNet, tally: EvalTally, p: Packet,
                     group_heads: Sequence[Any]) -> None:
         h, trail, y = p.h, list(p.trail), p.y
+        assert y is not None  # an evaluation packet with a batch carries its targets
         ens_u, ens_w, weights = p.extras
         for k in self.stages:
             if net.needs_trail:

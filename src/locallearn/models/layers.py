@@ -71,6 +71,12 @@ class ConvBNReLU(nn.Sequential):
     rewrites layers (e.g. into grouped convolutions) can find them.
     """
 
+    # types of the sub-modules added by name below (``pool`` only with ``pool=True``)
+    conv: nn.Conv2d
+    bn: nn.BatchNorm2d
+    relu: nn.ReLU
+    pool: nn.MaxPool2d
+
     def __init__(self, c_in: int, c_out: int, pool: bool = False) -> None:
         super().__init__()
         self.add_module("conv", conv3x3(c_in, c_out))

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -118,7 +118,7 @@ class GroupObjective(Objective):
 
     def _loss_and_logits(self, g: int, h: Activation, y: torch.Tensor,
                          need_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return head_loss_and_logits(self.objectives[g], self.view(h, g), y,
+        return head_loss_and_logits(cast(Objective, self.objectives[g]), self.view(h, g), y,
                                     self.diversity_weight if need_logits else 0.0)
 
     def group_loss(self, h: Activation, y: torch.Tensor, g: int) -> torch.Tensor:
@@ -127,28 +127,33 @@ class GroupObjective(Objective):
 
     def loss(self, h: Activation, y: torch.Tensor) -> torch.Tensor:
         need = self.diversity_weight > 0
-        total, logits = 0.0, []
+        total: torch.Tensor | float = 0.0
+        logits: list[torch.Tensor | None] = []
         for g in range(self.groups):
             loss, lg = self._loss_and_logits(g, h, y, need)
             total = total + loss
             logits.append(lg)
         if need:
-            total = total + self.diversity_weight * diversity_penalty(logits, y, self.temperature)
-        return total
+            # no None: with need, head_loss_and_logits raises for a head that cannot predict
+            total = total + self.diversity_weight * diversity_penalty(
+                cast(list[torch.Tensor], logits), y, self.temperature)
+        return cast(torch.Tensor, total)  # a sum of G >= 1 losses
 
     def group_logits(self, h: Activation) -> list[torch.Tensor | None]:
         """Class logits of every group's head (``None`` for a head that cannot predict)."""
-        return [obj.predict(self.view(h, g)) for g, obj in enumerate(self.objectives)]
+        return [cast(Objective, obj).predict(self.view(h, g))
+                for g, obj in enumerate(self.objectives)]
 
     def predict(self, h: Activation) -> torch.Tensor | None:
         logits = self.group_logits(h)
         if any(lg is None for lg in logits):
             return None
-        probs = torch.stack([lg.softmax(dim=1) for lg in logits]).mean(dim=0)
+        probs = torch.stack([lg.softmax(dim=1) for lg in cast(list[torch.Tensor], logits)]
+                            ).mean(dim=0)
         return probs.clamp_min(1e-12).log()
 
 
-def find_group_objective(obj: Objective) -> GroupObjective | None:
+def find_group_objective(obj: Objective | None) -> GroupObjective | None:
     """The :class:`GroupObjective` inside ``obj`` (through wrappers with ``.inner``), if any."""
     while obj is not None and not isinstance(obj, GroupObjective):
         obj = getattr(obj, "inner", None)
