@@ -180,8 +180,30 @@ def part_b(data: Any, record: Any) -> None:
 
 # -- reporting ---------------------------------------------------------------------------
 
+def seed_means(runs: dict[str, Any]) -> list[list[Any]]:
+    """Mean ± std over seeds of the runs named "<variant> seed <n>" (airbench-style reporting)."""
+    by_variant: dict[str, list[dict[str, Any]]] = {}
+    for name, s in runs.items():
+        if " seed " in name:
+            by_variant.setdefault(name.rsplit(" seed ", 1)[0], []).append(s)
+
+    def pm(values: list[float]) -> str:
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
+        return f"{mean:.2f} ± {std:.2f}"
+
+    return [[variant, len(ss), pm([s["final_acc"] for s in ss]), pm([s["ens_weighted"] for s in ss]),
+             ss[0]["largest_node_macs"] / 1e6, ss[0]["total_macs"] / 1e6]
+            for variant, ss in by_variant.items()]
+
+
 def markdown(results: dict[str, Any]) -> str:
     out = []
+    means = seed_means(results.get("a", {}))
+    if means:
+        out += ["### (a) mean ± std over seeds", "",
+                table(["run", "seeds", "final acc %", "ens 2^k %", "largest node MMACs",
+                       "total MMACs"], means), ""]
     if results.get("cuts"):
         out += ["### Memory-balanced cuts (batch 32, full width)", "",
                 table(["model", "context", "K", "cuts", "max stage MiB", "BP MiB", "encoders MiB"],
@@ -217,6 +239,8 @@ def main() -> None:
                         "epochs: results_long.*")
     p.add_argument("--variants", nargs="+", choices=list(LONG_A), default=list(LONG_A)[:3],
                    help="with --long: the part (a) runs (added to results_long.*)")
+    p.add_argument("--report", action="store_true",
+                   help="only rewrite the markdown tables from the saved JSON (with --long/--quick)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     stem = "results_quick" if args.quick else "results_long" if args.long else "results"
@@ -233,6 +257,11 @@ def main() -> None:
     def save() -> None:
         out.write_text(json.dumps(results, indent=1, default=str))
         (HERE / f"{stem}.md").write_text(markdown(results) + "\n")
+
+    if args.report:
+        (HERE / f"{stem}.md").write_text(markdown(results) + "\n")
+        print(markdown(results))
+        return
 
     def record(part: str, name: str, summary: dict[str, Any]) -> None:
         keep = {k: v for k, v in summary.items() if k != "stages"}
