@@ -131,12 +131,12 @@ def build_group_trainer(setup: Setup, data: DataSplits | None, rank: int, world:
         raise ConfigError(f"engine.placement=groups needs {k * groups} workers (split.k={k} x "
                           f"split.groups={groups}), but {world} were started")
     stage, g = divmod(rank, groups)
-    siblings = [dist.new_group(ranks=[s * groups + j for j in range(groups)], backend=backend,
-                               timeout=timeout) for s in range(k)]  # every rank makes all of them
     torch.set_rng_state(setup.rng)  # every rank initialises the net as a single process would
     data = data if data is not None else placeholder_data(setup.data)
-    net = build_net(cfg, data)
+    net = build_net(cfg, data)  # a model that cannot be grouped fails here, on every rank alike
     node = GroupNode(net.stages[stage], g).to(device)
+    siblings = [dist.new_group(ranks=[s * groups + j for j in range(groups)], backend=backend,
+                               timeout=timeout) for s in range(k)]  # every rank makes all of them
     wire = device if backend == "nccl" else torch.device("cpu")
     engine = GroupPipelineEngine(node, stage, k, data_group, siblings[stage], wire, device)
     session = Session(rank, world, device, threads, backend, control, node_ranges(k, groups))

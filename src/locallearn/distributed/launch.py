@@ -50,9 +50,10 @@ from locallearn.distributed import under_torchrun
 from locallearn.distributed.comm import Control, Inbox, Outbox, PeerError
 from locallearn.distributed.faults import PipelineError, describe_failure, error_text, write_report
 from locallearn.distributed.group_worker import build_group_trainer
+from locallearn.distributed.wire import WireError
 from locallearn.distributed.worker import PipelineTrainer, Session, Setup, placeholder_data, prepare
 from locallearn.engines.pipeline import PipelineEngine, assign_stages
-from locallearn.train import build_net, resolve_run
+from locallearn.train import TrainingError, build_net, resolve_run
 
 
 @dataclass(frozen=True)
@@ -211,8 +212,8 @@ def _spawned_worker(env: WorkerEnv, cfg: RunConfig, resume: str | Path | None, r
         write_report(Path(reports) / f"rank{env.rank}.json", env.rank, e)
         if isinstance(e, PeerError):  # a consequence: the failed peer prints the cause
             print(f"pipeline worker rank {env.rank}: {e}", file=sys.stderr)
-        else:
-            traceback.print_exc()
+        elif not isinstance(e, (ValueError, TrainingError)) or isinstance(e, WireError):
+            traceback.print_exc()  # user errors (bad config, data, model) are the launcher's one line
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()
