@@ -31,7 +31,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -40,7 +39,7 @@ from locallearn.config import ConfigError, RunConfig
 from locallearn.engines.base import stage_loss
 from locallearn.measure import macs
 from locallearn.models.blocks import Activation
-from locallearn.network import LocalNet, Stage
+from locallearn.network import LocalNet
 
 ACCUMULATE = ("none", "grow", "shrink")
 SCHEDULED_ENGINES = ("local", "pipeline")  # engines that read `active`
@@ -156,7 +155,7 @@ def stage_train_costs(net: LocalNet, x: Activation, y: torch.Tensor) -> list[tup
     rows = []
     trail: list[Activation] = []
     h = x
-    for stage in cast(list[Stage], list(net.stages)):
+    for stage in net.stages:
         device = next(stage.parameters()).device
         h, y = _to(h, device), y.to(device)
         trail = [_to(t, device) for t in trail]

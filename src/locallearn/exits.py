@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -83,7 +83,7 @@ def _take(h: Activation, idx: torch.Tensor) -> Activation:
 
 
 def _stages(net: LocalNet) -> list[Stage]:
-    return cast(list[Stage], list(net.stages))
+    return list(net.stages)
 
 
 def _batch_size(h: Activation) -> int:

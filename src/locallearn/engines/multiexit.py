@@ -13,13 +13,12 @@ Per-stage predictors, if any, still train on detached outputs (see
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
 
 import torch
 
 from locallearn.engines.base import stage_loss
 from locallearn.models.blocks import Activation
-from locallearn.network import LocalNet, Stage
+from locallearn.network import LocalNet
 
 
 class MultiExitEngine:
@@ -42,7 +41,7 @@ class MultiExitEngine:
         trail: list[Activation] = []
         h = x
         losses = []
-        for stage in cast(list[Stage], list(net.stages)):
+        for stage in net.stages:
             trail.append(h)
             h = stage(h, trail)  # no detach: every exit's gradient flows into the trunk below
             losses.append(stage_loss(stage, h, y))
