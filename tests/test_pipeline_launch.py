@@ -151,3 +151,16 @@ def test_a_model_that_cannot_be_grouped_is_one_error_line_not_a_traceback_per_wo
                                             r"cannot be split into width groups"):
         run(cfg)
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_torchrun_launch_of_group_nodes(tmp_path):
+    """K=2 x G=2 nodes as 4 torchrun processes: the weights of engine=local."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+           "-m", "locallearn", "train", *TINY, *GROUPED, f"train.out_dir={tmp_path}",
+           "train.name=trun", "engine=pipeline", "engine.placement=groups", "engine.workers=4",
+           "train.epochs=1"]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    _, local = run(config(tmp_path, "local", *GROUPED, "engine=local", "train.epochs=1"))
+    assert_same_weights(tmp_path / "trun", local)
