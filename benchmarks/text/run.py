@@ -177,6 +177,11 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     results = []
+    previous = Path(f"{a.out}.json")
+    if a.long and previous.is_file():  # long runs add to (or redo) what earlier ones measured
+        planned = {(d, m, me) for d in a.datasets for m in a.models for me in a.methods}
+        results = [r for r in json.loads(previous.read_text())["results"]
+                   if (r["data"], r["model"], r["method"]) not in planned]
     for data in a.datasets:
         budget = {**BUDGETS[data], **(LONG.get(data, {}) if a.long else {}),
                   **(QUICK if a.quick else {})}
