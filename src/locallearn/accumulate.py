@@ -38,7 +38,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from locallearn.config import ConfigError, RunConfig
 from locallearn.engines.base import stage_loss
 from locallearn.measure import macs
-from locallearn.models.blocks import Activation
+from locallearn.models.blocks import Activation, first_tensor
 from locallearn.network import LocalNet
 
 ACCUMULATE = ("none", "grow", "shrink")
@@ -156,7 +156,8 @@ def stage_train_costs(net: LocalNet, x: Activation, y: torch.Tensor) -> list[tup
     trail: list[Activation] = []
     h = x
     for stage in net.stages:
-        device = next(stage.parameters()).device
+        param = next(stage.parameters(), None)
+        device = param.device if param is not None else first_tensor(h).device
         h, y = _to(h, device), y.to(device)
         trail = [_to(t, device) for t in trail]
         trail.append(h)

@@ -163,8 +163,8 @@ class Trainer:
                  run_dir: Path | None = None, engine: Engine | None = None) -> None:
         self.cfg, self.data, self.run_dir = cfg, data, run_dir
         self.device = torch.device(cfg.engine.device)
-        self.net = self.place(net)
         self.engine = engine or build_engine(cfg.engine.name, aux_heads=cfg.engine.aux_heads)
+        self.net = self.place(net)
         self.steps_per_epoch = math.ceil(len(data.train) / cfg.data.batch_size)
         total = self.steps_per_epoch * cfg.train.epochs
         self.optimizers = [self.build_optimizer(s.parameters()) for s in net.stages]

@@ -60,9 +60,8 @@ class GroupPipelineTrainer(PipelineTrainer):
         self.schedulers[k] = self.build_scheduler(self.optimizers[k])
         self._layouts: dict[tuple[int, int], GroupNode] = {}
 
-    @staticmethod
-    def own_stages(engine: Any) -> range:
-        return range(0)  # the node holds its own copies of its slices; the net stays on the CPU
+    def place(self, net: Any) -> Any:
+        return net  # the node holds its own copies of its slices; the net stays on the CPU
 
     def layout(self, k: int, g: int) -> GroupNode:
         """A node (k, g) built from the whole network: where its state lives there."""

@@ -145,7 +145,6 @@ class PipelineTrainer(Trainer):
                  session: Session, engine: PipelineEngine) -> None:
         local = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine,
                                                                     device=str(session.device)))
-        self._own_stages = self.own_stages(engine)
         super().__init__(net, data, local, run_dir if session.first else None, engine)
         self.run_cfg, self.folder, self.session = cfg, Path(run_dir), session
         self.engine: PipelineEngine = engine
@@ -156,15 +155,10 @@ class PipelineTrainer(Trainer):
             self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train,
                                                                                progress=False))
 
-    @staticmethod
-    def own_stages(engine: Any) -> range:
-        """The stages whose parameters this rank trains in place."""
-        return engine.stages
-
     def place(self, net: Any) -> Any:
         """Only this rank's stages go to its device; the rest of the net (which every rank
         builds, to initialise it as one process would) stays on the CPU, untouched."""
-        for k in self._own_stages:
+        for k in self.engine.stages:
             net.stages[k].to(self.device)
         return net
 

@@ -63,8 +63,10 @@ def node_rank(stage: int, group: int, groups: int) -> int:
 
 
 def _peers(ranks: list[int]) -> tuple[str, int | None]:
-    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks)), \
-        ranks[0] if len(ranks) == 1 else None
+    """How a failure names ``ranks``, and the one peer to blame if there is only one."""
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}", ranks[0]
+    return "ranks " + ", ".join(map(str, ranks)), None
 
 
 def _wait(works: list[Any]) -> None:
