@@ -338,7 +338,7 @@ def write_node_part(stage_state: dict[str, torch.Tensor], node_state: dict[str, 
     """Write a node's state dict into its rows of the stage state (in place)."""
     for nk, (sk, rows) in key_map.items():
         target = stage_state[prefix + sk]
-        target.copy_(node_state[nk]) if rows is None else target[rows].copy_(node_state[nk])
+        (target if rows is None else target[rows]).copy_(node_state[nk])
 
 
 def _param_links(stage: Stage, node: GroupNode) -> list[tuple[int, int, slice | None]]:
