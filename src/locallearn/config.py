@@ -90,6 +90,8 @@ class OptimConfig:
 class EngineConfig:
     name: Literal["backprop", "local", "pipeline", "multiexit"] = "local"  # multiexit: BP of all exits
     aux_heads: bool = True                # backprop: also train stage heads on detached features
+    checkpoint: Literal["none", "blocks", "stages"] = "none"  # backprop: keep only block / stage
+                                          # inputs for backward, recompute the rest
     workers: int = 2                      # pipeline: processes on this machine
     placement: Literal["stages", "groups"] = "stages"  # pipeline: a worker per run of stages, or
                                           # (groups) one per (stage, group) node: K x G workers

@@ -32,7 +32,8 @@ def build_engine(name: str, **options: Any) -> Engine:
         ValueError: for an unknown name (the message lists the choices).
     """
     if name == "backprop":
-        return BackpropEngine(aux_heads=options.get("aux_heads", True))
+        return BackpropEngine(aux_heads=options.get("aux_heads", True),
+                              checkpoint=options.get("checkpoint", "none"))
     if name in ("local", "pipeline"):
         # In one process the pipeline's synchronized updates are the sequential ones; its
         # workers are started by `locallearn.distributed.launch` (see engines/pipeline.py).
