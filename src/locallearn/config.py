@@ -24,6 +24,11 @@ class ConfigError(ValueError):
     """A configuration key or value is not allowed; the message names it and the choices."""
 
 
+# train.compile: off, on (torch's default mode) or one of torch.compile's modes
+COMPILE_MODES = ("false", "true", "default", "reduce-overhead", "max-autotune",
+                 "max-autotune-no-cudagraphs")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "mlp"                     # a registered model (`locallearn list`)
@@ -39,6 +44,8 @@ class DataConfig:
     train_subset: int = 0                 # use only the first N training samples (0 = all)
     test_subset: int = 0                  # use only the first N test samples (0 = all)
     options: dict = field(default_factory=dict)  # reader options, e.g. {path: x.tar.gz}
+    on_device: Literal["auto", "true", "false"] = "auto"  # hold the splits on engine.device
+                                          # (auto: a CUDA device with room to spare); else pinned
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,12 @@ class TrainConfig:
     accumulate: Literal["none", "grow", "shrink"] = "none"  # dynamic layer accumulation (DASCPL)
     triggers: tuple = ()                  # K-1 epochs: grow: stage i+1 joins after triggers[i-1];
                                           # shrink: stage i stops training after triggers[i-1]
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast of every stage's
+                                          # forward and loss; auto: bf16 where the hardware has it
+                                          # natively (CUDA bf16, CPU AVX512-BF16/AMX), else fp32
+    channels_last: Literal["auto", "true", "false"] = "auto"  # model and 4-D inputs channels-last
+                                          # (auto: where auto precision picks bf16)
+    compile: str = "false"                # torch.compile each stage: false, true or a mode
 
 
 @dataclass(frozen=True)
@@ -134,6 +147,9 @@ class RunConfig:
 def _check_value(key: str, value: Any, hint: Any) -> Any:
     """Coerce ``value`` to the annotation ``hint`` or raise a ConfigError naming ``key``."""
     origin = typing.get_origin(hint)
+    if isinstance(value, bool) and (hint is str or origin is Literal and str(value).lower()
+                                    in typing.get_args(hint)):
+        value = str(value).lower()  # YAML reads `true` as a bool: a string key takes its name
     if origin is Literal:
         if value not in typing.get_args(hint):
             choices = ", ".join(map(str, typing.get_args(hint)))
@@ -197,6 +213,9 @@ def validate(cfg: RunConfig) -> None:
     for key, v in positive.items():
         if v < 1:
             raise ConfigError(f"{key}={v} is not allowed: it must be at least 1")
+    if cfg.train.compile not in COMPILE_MODES:
+        raise ConfigError(f"train.compile={cfg.train.compile!r} is not allowed; choose one of: "
+                          f"{', '.join(COMPILE_MODES)}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr} is not allowed: it must be positive")
     if cfg.engine.timeout <= 0:

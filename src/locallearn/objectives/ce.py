@@ -21,7 +21,7 @@ class HeadCE(Objective):
         self.head = head
 
     def loss(self, h: Activation, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.head(h), y)
+        return F.cross_entropy(self.head(h).float(), y)  # log-softmax in fp32 under autocast
 
     def predict(self, h: Activation) -> torch.Tensor:
         return self.head(h)

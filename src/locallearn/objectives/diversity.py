@@ -40,7 +40,7 @@ def wrong_class_vectors(logits: torch.Tensor, y: torch.Tensor, temperature: floa
     """
     if temperature <= 0:
         raise ValueError(f"diversity temperature must be positive, got {temperature}")
-    p = torch.softmax(logits / temperature, dim=1)
+    p = torch.softmax(logits.float() / temperature, dim=1)  # fp32 under autocast
     p = p * (1.0 - F.one_hot(y, p.shape[1]).to(p.dtype))
     p = p / p.sum(dim=1, keepdim=True).clamp_min(EPS)
     return p / p.norm(dim=1, keepdim=True).clamp_min(EPS)

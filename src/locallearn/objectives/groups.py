@@ -79,7 +79,7 @@ def head_loss_and_logits(obj: Objective, view: torch.Tensor, y: torch.Tensor,
     """
     if isinstance(obj, HeadCE):  # one head pass gives both loss and logits
         logits = obj.head(view)
-        return nn.functional.cross_entropy(logits, y), logits
+        return nn.functional.cross_entropy(logits.float(), y), logits  # fp32 log-softmax
     logits = obj.predict(view) if diversity_weight > 0 else None
     if diversity_weight > 0 and logits is None:
         raise GroupObjectiveError(

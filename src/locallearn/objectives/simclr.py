@@ -86,6 +86,11 @@ def nt_xent(z: torch.Tensor, temperature: float = 0.5, negatives: torch.Tensor |
     Returns:
         The mean over the 2N anchors of ``-log softmax`` at the positive.
     """
+    with torch.autocast(z.device.type, enabled=False):  # similarities / temperature in fp32
+        return _nt_xent(z.float(), temperature, negatives)
+
+
+def _nt_xent(z: torch.Tensor, temperature: float, negatives: torch.Tensor | None) -> torch.Tensor:
     n2 = z.shape[0]
     pos = positive_index(n2, z.device)
     keep = negatives.clone() if negatives is not None else torch.ones(n2, n2, dtype=torch.bool,
@@ -120,7 +125,7 @@ class SimCLRObjective(Objective):
 
     def embed(self, h: Activation) -> torch.Tensor:
         """The L2-normalised embeddings of a stage output."""
-        return F.normalize(self.projector(h), dim=1)
+        return F.normalize(self.projector(h).float(), dim=1)  # fp32 under autocast
 
     def loss(self, h: Activation, y: torch.Tensor) -> torch.Tensor:
         z = self.embed(h)

@@ -45,6 +45,11 @@ def supcon_loss(z: torch.Tensor, y: torch.Tensor, temperature: float = 0.1) -> t
         The mean over anchors with at least one positive; zero (still attached to the
         graph, with zero gradient) if no anchor has one.
     """
+    with torch.autocast(z.device.type, enabled=False):  # similarities / temperature in fp32
+        return _supcon_loss(z.float(), y, temperature)
+
+
+def _supcon_loss(z: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
     n = z.shape[0]
     eye = torch.eye(n, dtype=torch.bool, device=z.device)
     pos = (y.view(-1, 1) == y.view(1, -1)) & ~eye
@@ -80,7 +85,7 @@ class SupConObjective(Objective):
 
     def embed(self, h: Activation) -> torch.Tensor:
         """The L2-normalised embeddings of a stage output."""
-        return F.normalize(self.projector(h), dim=1)
+        return F.normalize(self.projector(h).float(), dim=1)  # fp32 under autocast
 
     def loss(self, h: Activation, y: torch.Tensor) -> torch.Tensor:
         loss = supcon_loss(self.embed(h), y, self.temperature)

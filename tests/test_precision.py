@@ -1,0 +1,243 @@
+"""Reduced precision, channels-last and compilation: what auto picks, and that it is applied.
+
+The pipeline-equals-sequential test in bf16 runs both sides under the same
+:class:`~locallearn.precision.PrecisionUpdate` forward context, so the same casts
+happen in the same order and the parameters agree bit for bit.
+"""
+
+import copy
+import warnings
+from collections import deque
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from locallearn import precision
+from locallearn.config import load_config
+from locallearn.distributed.wire import Layout, Packet, encode
+from locallearn.engines import LocalEngine
+from locallearn.engines.pipeline import PipelineEngine, assign_stages
+from locallearn.models import build_model
+from locallearn.network import LocalNet
+from locallearn.objectives.simclr import nt_xent
+from locallearn.objectives.supcon import supcon_loss
+from locallearn.optim import build_optimizer
+from locallearn.precision import Choice, PrecisionUpdate, resolve
+
+torch.set_num_threads(1)
+BF16 = Choice("bf16", False, None, "cpu", "test")
+
+
+@pytest.fixture
+def cpu(monkeypatch):
+    """Fake this CPU's features: ``cpu(flags)`` makes the flags the only source of truth."""
+    monkeypatch.delenv(precision.AUTO_ENV, raising=False)
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
+
+    def fake(flags):
+        monkeypatch.setattr(precision, "cpu_flags", lambda *a: set(flags))
+    return fake
+
+
+def conv_net(k: int = 2) -> LocalNet:
+    torch.manual_seed(0)
+    return LocalNet.from_backbone(build_model("resnet20", (3, 8, 8), 10, width=0.25), k,
+                                  head="0c1f")
+
+
+# -- auto -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags", [{"avx512_bf16"}, {"amx_bf16", "avx512f"}])
+def test_auto_picks_bf16_and_channels_last_on_a_cpu_with_native_bf16(cpu, flags):
+    cpu(flags)
+    choice = resolve("auto", "auto", "false", "cpu")
+    assert (choice.precision, choice.channels_last, choice.compile) == ("bf16", True, None)
+    assert sorted(flags)[0] in choice.reason or "bf16" in choice.reason
+
+
+def test_auto_is_fp32_and_contiguous_on_a_cpu_without_it(cpu):
+    cpu({"avx2", "avx512f"})
+    choice = resolve("auto", "auto", "false", "cpu")
+    assert (choice.precision, choice.channels_last) == ("fp32", False)
+
+
+def test_torchs_own_capability_check_counts_as_native(cpu, monkeypatch):
+    cpu(set())
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert resolve("auto", device="cpu").precision == "bf16"
+
+
+def test_the_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16\n\nprocessor\t: 1\n")
+    assert {"avx512_bf16", "sse2"} <= precision.cpu_flags(info)
+    assert precision.cpu_flags(tmp_path / "missing") == set()
+
+
+def test_the_environment_pins_auto_to_fp32_but_not_an_explicit_choice(cpu, monkeypatch):
+    cpu({"avx512_bf16"})
+    monkeypatch.setenv(precision.AUTO_ENV, "fp32")
+    assert (resolve("auto", "auto").precision, resolve("auto", "auto").channels_last) == ("fp32", False)
+    assert resolve("bf16", "true").precision == "bf16" and resolve("bf16", "true").channels_last
+
+
+def test_explicit_settings_and_bad_values():
+    assert resolve("fp32", "true", "true").compile == "default"
+    assert resolve("fp32", True, "max-autotune").compile == "max-autotune"
+    assert resolve("fp32", False, False).compile is None
+    with pytest.raises(ValueError, match="fp16 needs a CUDA"):
+        resolve("fp16", "false", "false", "cpu")
+    with pytest.raises(ValueError, match="train.channels_last"):
+        resolve("fp32", "sideways")
+
+
+def test_the_config_takes_the_keys_from_the_command_line():
+    t = load_config(None, ["train.channels_last=true", "train.compile=true",
+                           "train.precision=bf16"]).train
+    assert (t.precision, t.channels_last, t.compile) == ("bf16", "true", "true")
+    assert load_config(None, []).train.precision == "auto"  # the users' default
+    with pytest.raises(ValueError, match="train.compile"):
+        load_config(None, ["train.compile=fastest"])
+
+
+def test_describe_records_what_was_chosen():
+    d = precision.describe(BF16)
+    assert d["precision"] == "bf16" and d["autocast_dtype"] == "bfloat16"
+    assert d["channels_last"] is False and d["compile"] == "false" and d["reason"] == "test"
+    assert "bf16" in precision.summary_line(BF16)
+
+
+# -- what the choice does ------------------------------------------------------------------------
+
+def test_bf16_autocast_runs_convolutions_and_matmuls_in_bf16_and_losses_in_fp32():
+    net = conv_net()
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    with PrecisionUpdate(BF16).autocast():
+        out = net.stages[0](x)
+        assert out.dtype == torch.bfloat16
+        assert torch.nn.Linear(3, 2)(torch.randn(2, 3)).dtype == torch.bfloat16
+        assert net.stages[0].objective.loss(out, y).dtype == torch.float32
+        z = F.normalize(torch.randn(6, 4), dim=1)
+        assert supcon_loss(z, torch.tensor([0, 0, 1, 1, 2, 2])).dtype == torch.float32
+        assert nt_xent(z).dtype == torch.float32
+
+
+def test_contrastive_similarities_are_computed_in_fp32_under_autocast():
+    z = F.normalize(torch.randn(8, 16), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    with PrecisionUpdate(BF16).autocast():
+        inside = (supcon_loss(z, labels, 0.1), nt_xent(z, 0.5))
+    assert torch.equal(inside[0], supcon_loss(z, labels, 0.1))  # not a bf16 matmul
+    assert torch.equal(inside[1], nt_xent(z, 0.5))
+
+
+def test_fp32_is_no_autocast_at_all():
+    net = conv_net()
+    with PrecisionUpdate().autocast():
+        out = net.stages[0](torch.randn(2, 3, 8, 8))
+        loss = net.stages[0].objective.loss(out, torch.tensor([1, 2]))
+    assert out.dtype == torch.float32 and loss.dtype == torch.float32
+
+
+def test_channels_last_is_applied_to_the_parameters_and_to_4d_inputs():
+    net = precision.prepare(conv_net(), Choice("fp32", True))
+    convs = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    update = PrecisionUpdate(Choice("fp32", True))
+    x = update.input(torch.randn(2, 3, 8, 8))
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    tokens = torch.randint(0, 5, (2, 7))
+    assert update.input(tokens) is tokens
+    assert PrecisionUpdate().input(x) is x  # contiguous runs leave inputs alone
+
+
+def test_a_stage_that_cannot_compile_falls_back_with_one_warning_naming_it(monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def run(*a, **k):
+            raise RuntimeError("backend exploded")
+        return run
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    net, ref = conv_net(), conv_net()
+    precision.prepare(net, Choice("fp32", False, "default"))
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(RuntimeWarning, match=r"stage 1 \(body\).*backend exploded"):
+        out = net.stages[0](x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only once
+        again = net.stages[0](x)
+    torch.testing.assert_close(out, ref.stages[0](x), rtol=0, atol=0)
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+    assert list(net.state_dict()) == list(ref.state_dict())  # checkpoints keep their keys
+
+
+def test_compile_wraps_each_stage_body_and_objective(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
+    net = precision.prepare(conv_net(3), Choice("fp32", False, "max-autotune"), stages=[1, 2])
+    assert len(calls) == 4 and calls[0] == {"mode": "max-autotune"}
+    assert isinstance(net.stages[1].body.forward, precision.CompiledOrEager)
+    assert not isinstance(net.stages[0].body.forward, precision.CompiledOrEager)
+
+
+def test_plain_backward_and_step_outside_fp16():
+    update = PrecisionUpdate(BF16)
+    lin = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    before = lin.weight.detach().clone()
+    update.backward(lin(torch.ones(1, 3)).sum(), 0)
+    update.step(opt, 0)
+    assert update.scaler(0) is None and not torch.equal(before, lin.weight)
+
+
+# -- bf16: the pipeline is still the sequential engine, bit for bit ------------------------------
+
+class Loopback:
+    """Outbox and Inbox in one: every packet goes through the wire format into fresh buffers."""
+
+    def __init__(self) -> None:
+        self.queue: deque = deque()
+        self.wait_seconds = 0.0
+
+    def put(self, packet: Packet) -> None:
+        header, *tensors = encode(packet)
+        layout = Layout.parse(header.clone())
+        buffers = layout.buffers()
+        for b, t in zip(buffers, tensors):
+            b.copy_(t)
+        self.queue.append(layout.packet(buffers))
+
+    def get(self, kind: int) -> Packet:
+        return self.queue.popleft()
+
+    def flush(self) -> None:
+        pass
+
+
+def _optimizers(net):
+    return [build_optimizer(s.parameters(), "sgd", 0.05, momentum=0.9, weight_decay=5e-4)
+            for s in net.stages]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_in_bf16_the_pipeline_equals_the_sequential_engine_bit_for_bit(channels_last):
+    choice = Choice("bf16", channels_last, None, "cpu", "test")
+    a = precision.prepare(conv_net(4), choice)
+    b = copy.deepcopy(a)
+    oa, ob = _optimizers(a), _optimizers(b)
+    ranges = assign_stages(4, 2)
+    link = Loopback()
+    engines = [PipelineEngine(ranges[0], None, link), PipelineEngine(ranges[1], link, None)]
+    update = PrecisionUpdate(choice)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+        x = update.input(x)
+        with update.autocast():  # the same forward context on both sides
+            la = LocalEngine().step(a, oa, x, y)
+            lb = engines[0].step(b, ob, x, y)
+            lb[2:] = engines[1].step(b, ob)[2:]
+        assert lb == la
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
