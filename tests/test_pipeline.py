@@ -12,6 +12,8 @@ from collections import deque
 import pytest
 import torch
 
+from locallearn.types import Masked
+
 from locallearn.config import ConfigError, load_config
 from locallearn.distributed.faults import root_cause
 from locallearn.distributed.wire import EVAL, STOP, TRAIN, Layout, Packet, WireError, encode
@@ -102,13 +104,13 @@ def assert_same_params(a: LocalNet, b: LocalNet, atol: float = 1e-6) -> None:
 # -- the wire format ------------------------------------------------------------------------
 
 def test_a_packet_survives_the_wire():
-    h = (torch.randn(3, 5, 4), torch.rand(3, 5) > 0.5)  # a text activation (hidden, mask)
+    h = Masked(torch.randn(3, 5, 4), torch.rand(3, 5) > 0.5)  # a text activation (hidden, mask)
     trail = [torch.randint(0, 9, (3, 5)), None, torch.randn(3, 2).double()]
     p = Packet(TRAIN, h, torch.tensor([1, 0, 2]), trail, [torch.zeros(2, dtype=torch.float64)], 7)
     header, *tensors = encode(p)
     out = Layout.parse(header).packet(tensors)
     assert (out.kind, out.total, len(out.trail)) == (TRAIN, 7, 3)
-    assert out.h[1].dtype == torch.bool and torch.equal(out.h[1], h[1])
+    assert isinstance(out.h, Masked) and out.h.mask.dtype == torch.bool and torch.equal(out.h[1], h[1])
     assert torch.equal(out.h[0], h[0]) and torch.equal(out.y, p.y)
     assert out.trail[1] is None and torch.equal(out.trail[0], trail[0])
     assert out.trail[2].dtype == torch.float64 and len(out.extras) == 1

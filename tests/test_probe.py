@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+from locallearn.types import Masked
+
 from locallearn.cli import main
 from locallearn.data import ArrayData, DataSplits
 from locallearn.models import build_model
@@ -22,7 +24,8 @@ def test_pool_features_shapes():
     assert pool_features(torch.randn(2, 5), grid=2).shape == (2, 5)
     seq = torch.tensor([[[1.0], [3.0], [100.0]]])
     mask = torch.tensor([[True, True, False]])
-    assert pool_features((seq, mask)).tolist() == [[2.0]]  # mean over real tokens only
+    assert pool_features(Masked(seq, mask)).tolist() == [[2.0]]  # mean over real tokens only
+    assert pool_features(seq.flatten(1)).tolist() == [[1.0, 3.0, 100.0]]  # plain: no padding
     with pytest.raises(ValueError, match="grid"):
         pool_features(torch.randn(2, 3, 4, 4), grid=0)
 

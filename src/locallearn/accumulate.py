@@ -38,7 +38,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from locallearn.config import ConfigError, RunConfig
 from locallearn.engines.base import stage_loss
 from locallearn.measure import macs
-from locallearn.models.blocks import Activation, first_tensor
+from locallearn.types import Activation, first_tensor, map_tensors
 from locallearn.network import LocalNet
 
 ACCUMULATE = ("none", "grow", "shrink")
@@ -171,7 +171,7 @@ def stage_train_costs(net: LocalNet, x: Activation, y: torch.Tensor) -> list[tup
 
 
 def _to(a: Activation, device: torch.device) -> Activation:
-    return tuple(t.to(device) for t in a) if isinstance(a, tuple) else a.to(device)
+    return map_tensors(lambda t: t.to(device), a)
 
 
 def compute_fraction(costs: Sequence[tuple[int, int]], active: set[int] | None) -> float:

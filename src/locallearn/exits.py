@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from locallearn.measure import macs
-from locallearn.models.blocks import Activation
+from locallearn.types import Activation, first_tensor, map_tensors
 from locallearn.network import LocalNet, Stage
 
 CONFIDENCES = ("max", "entropy")
@@ -77,9 +77,7 @@ class ExitCosts:
 
 def _take(h: Activation, idx: torch.Tensor) -> Activation:
     """The samples ``idx`` of an activation (a tensor or a tuple of tensors)."""
-    if isinstance(h, tuple):
-        return tuple(_take(t, idx) for t in h)
-    return h[idx]
+    return map_tensors(lambda t: t[idx], h)
 
 
 def _stages(net: LocalNet) -> list[Stage]:
@@ -87,7 +85,7 @@ def _stages(net: LocalNet) -> list[Stage]:
 
 
 def _batch_size(h: Activation) -> int:
-    return int((h[0] if isinstance(h, tuple) else h).shape[0])
+    return int(first_tensor(h).shape[0])
 
 
 @contextmanager

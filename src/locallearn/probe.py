@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from locallearn.data import DataSplits, batches
-from locallearn.models.blocks import Activation
+from locallearn.types import Activation, Masked
 
 
 def pool_features(h: Activation, grid: int = 2) -> torch.Tensor:
@@ -41,8 +41,8 @@ def pool_features(h: Activation, grid: int = 2) -> torch.Tensor:
     """
     if grid < 1:
         raise ValueError(f"probe grid must be at least 1, got {grid}")
-    if isinstance(h, tuple):  # text: (h, mask) with mask True on real tokens
-        seq, mask = h[0], h[1].to(h[0].dtype).unsqueeze(-1)
+    if isinstance(h, Masked):  # text: mask True on real tokens
+        seq, mask = h.h, h.mask.to(h.h.dtype).unsqueeze(-1)
         return (seq * mask).sum(1) / mask.sum(1).clamp_min(1.0)
     if h.dim() == 4:
         return F.adaptive_avg_pool2d(h, min(grid, h.shape[-1])).flatten(1)

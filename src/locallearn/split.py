@@ -30,8 +30,10 @@ from typing import Any
 
 import torch
 
+from locallearn.errors import ConfigError
 from locallearn.measure import SavedTensorsMeter, macs, param_count
-from locallearn.models.blocks import Activation, Backbone
+from locallearn.models.blocks import Backbone
+from locallearn.types import Activation, first_tensor, map_tensors
 
 SPLIT_BY = ("count", "params", "macs", "memory", "time", "cuts")
 
@@ -54,13 +56,11 @@ def _block_inputs(backbone: Backbone, batch: int, sample: Activation | None) -> 
 
 
 def _requires_grad(h: Activation) -> Activation:
-    if isinstance(h, tuple):
-        return tuple(_requires_grad(t) for t in h)
-    return h.detach().requires_grad_(h.is_floating_point())
+    return map_tensors(lambda t: t.detach().requires_grad_(t.is_floating_point()), h)
 
 
 def _sum(h: Activation) -> torch.Tensor:
-    return h[0].sum() if isinstance(h, tuple) else h.sum()
+    return first_tensor(h).sum()
 
 
 def block_costs(backbone: Backbone, by: str, batch: int = 32,
@@ -90,7 +90,7 @@ def block_costs(backbone: Backbone, by: str, batch: int = 32,
         elif by == "time":
             costs.append(_median_seconds(lambda: _sum(twin(_requires_grad(x))).backward(), repeats))
         else:
-            raise ValueError(f"unknown split measure {by!r}; choose one of: {', '.join(SPLIT_BY)}")
+            raise ConfigError(f"unknown split measure {by!r}; choose one of: {', '.join(SPLIT_BY)}")
     return costs
 
 
@@ -163,7 +163,7 @@ def balanced_cuts(costs: Sequence[float], k: int, end_costs: Sequence[float] | N
 def check_k(k: int, n_blocks: int) -> None:
     """Raise a clear error unless 1 <= k <= number of blocks."""
     if not 1 <= k <= n_blocks:
-        raise ValueError(f"split.k={k} is not allowed: the model has {n_blocks} blocks, "
+        raise ConfigError(f"split.k={k} is not allowed: the model has {n_blocks} blocks, "
                          f"so k must be between 1 and {n_blocks}")
 
 
@@ -171,7 +171,7 @@ def check_cuts(cuts: list[int], n_blocks: int) -> list[int]:
     """Validate explicit cut indices (strictly increasing, inside 1..n_blocks-1)."""
     cuts = [int(c) for c in cuts]
     if any(b <= a for a, b in zip(cuts, cuts[1:])) or any(not 0 < c < n_blocks for c in cuts):
-        raise ValueError(f"split.cuts={cuts} is not allowed: cut indices must be strictly "
+        raise ConfigError(f"split.cuts={cuts} is not allowed: cut indices must be strictly "
                          f"increasing and between 1 and {n_blocks - 1}")
     return cuts
 
@@ -188,10 +188,10 @@ def find_cuts(backbone: Backbone, k: int, by: str = "count", cuts: list[int] | N
     if by == "cuts" or cuts:
         chosen = check_cuts(list(cuts or []), n)
         if by != "cuts" and len(chosen) != k - 1:
-            raise ValueError(f"split.cuts has {len(chosen)} cut(s) but split.k={k} needs {k - 1}")
+            raise ConfigError(f"split.cuts has {len(chosen)} cut(s) but split.k={k} needs {k - 1}")
         return chosen
     if by not in SPLIT_BY:
-        raise ValueError(f"unknown split.by {by!r}; choose one of: {', '.join(SPLIT_BY)}")
+        raise ConfigError(f"unknown split.by {by!r}; choose one of: {', '.join(SPLIT_BY)}")
     if by == "count":  # as equal as possible, the larger stages first
         check_k(k, n)
         return [sum(n // k + (j < n % k) for j in range(i)) for i in range(1, k)]

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from locallearn.types import Masked
+
 HEADER_LEN = 1024  # int64 words: room for ~150 tensors of 4 dimensions
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
           torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
@@ -140,7 +142,8 @@ class Layout:
             elif arity == 0:
                 slots.append(next(it))
             else:
-                slots.append(tuple(next(it) for _ in range(arity)))
+                parts = tuple(next(it) for _ in range(arity))
+                slots.append(Masked(*parts) if arity == 2 else parts)  # a tuple activation is Masked
         h, y = (slots[0], slots[1]) if self.has_batch else (None, None)
         rest = slots[2 * self.has_batch:]
         return Packet(self.kind, h, y, rest[: self.n_trail], rest[self.n_trail:], self.total)

@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from locallearn.engines.backprop import BackpropEngine
-from locallearn.engines.base import Engine, detach, stage_loss
+from locallearn.engines.base import Engine, InProcess, StageUpdate, stage_loss
+from locallearn.types import detach
 from locallearn.engines.multiexit import MultiExitEngine
 from locallearn.engines.sequential import LocalEngine
 
@@ -34,15 +35,16 @@ def build_engine(name: str, **options: Any) -> Engine:
     if name == "backprop":
         return BackpropEngine(aux_heads=options.get("aux_heads", True),
                               checkpoint=options.get("checkpoint", "none"))
-    if name in ("local", "pipeline"):
-        # In one process the pipeline's synchronized updates are the sequential ones; its
-        # workers are started by `locallearn.distributed.launch` (see engines/pipeline.py).
+    if name == "local":
         return LocalEngine()
+    if name == "pipeline":  # never a silent one-process stand-in
+        raise ValueError("engine=pipeline is built per worker process: train with "
+                         "ll.Trainer(net, data, cfg).fit() or ll.run(cfg), which start the "
+                         "workers; in one process use engine=local (the same updates)")
     if name == "multiexit":
         return MultiExitEngine(options.get("exit_weights"))
     raise ValueError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINES)}")
 
 
-__all__ = ["ENGINES", "BackpropEngine", "Engine", "LocalEngine", "MultiExitEngine", "build_engine",
-           "detach",
-           "stage_loss"]
+__all__ = ["ENGINES", "BackpropEngine", "Engine", "InProcess", "LocalEngine", "MultiExitEngine",
+           "StageUpdate", "build_engine", "detach", "stage_loss"]

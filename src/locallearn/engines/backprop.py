@@ -26,9 +26,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
-from locallearn.engines.base import detach, stage_loss
-from locallearn.models.blocks import Activation
+from locallearn.engines.base import InProcess, StageUpdate, stage_loss
 from locallearn.network import LocalNet, Stage
+from locallearn.types import Activation, detach
 
 CHECKPOINT_MODES = ("none", "blocks", "stages")
 
@@ -65,7 +65,7 @@ def checkpointed(module: nn.Module, fn: Callable[..., Any], *args: Any) -> Any:
     return checkpoint(run, *args, use_reentrant=False)
 
 
-class BackpropEngine:
+class BackpropEngine(InProcess):
     """End-to-end BP (``engine: backprop``).
 
     Args:
@@ -79,12 +79,17 @@ class BackpropEngine:
 
     name = "backprop"
 
-    def __init__(self, aux_heads: bool = True, checkpoint: str = "none") -> None:
+    def __init__(self, aux_heads: bool = True, checkpoint: str = "none",
+                 update: StageUpdate | None = None) -> None:
+        super().__init__(update)
         if checkpoint not in CHECKPOINT_MODES:
             raise ValueError(f"engine.checkpoint={checkpoint!r}; choose one of: "
                              f"{', '.join(CHECKPOINT_MODES)}")
         self.aux_heads = aux_heads
         self.checkpoint = checkpoint
+
+    def trains(self, k: int, net: LocalNet) -> bool:
+        return self.aux_heads or k == net.k - 1
 
     def forward_stage(self, stage: Stage, h: Activation, trail: list[Activation]) -> Activation:
         """One stage's forward, checkpointed as configured (only while gradients are on)."""
@@ -99,26 +104,28 @@ class BackpropEngine:
         return h
 
     def step(self, net: LocalNet, optimizers: Sequence[torch.optim.Optimizer],
-             x: Activation, y: torch.Tensor) -> list[float]:
+             x: Activation | None, y: torch.Tensor | None) -> list[float]:
+        assert x is not None and y is not None, "the backprop engine needs the batch (x, y)"
+        u = self.update
         outs: list[Activation] = []
         trail: list[Activation] = []
         h = x
-        for stage in net.stages:
-            trail.append(h)
-            h = self.forward_stage(stage, h, trail)
-            outs.append(h)
-        last = net.stages[-1]
-        task = stage_loss(last, h, y)
-        losses = [float("nan")] * (net.k - 1) + [task.item()]
-        total = task
-        if self.aux_heads:
-            for k, (stage, out) in enumerate(zip(net.stages[:-1], outs[:-1])):
-                aux = stage_loss(stage, detach(out), y)
-                losses[k] = aux.item()
-                total = total + aux
+        with u.autocast():
+            for stage in net.stages:
+                trail.append(h)
+                h = self.forward_stage(stage, h, trail)
+                outs.append(h)
+            task = stage_loss(net.stages[-1], h, y)
+            losses = [float("nan")] * (net.k - 1) + [task.item()]
+            total = task
+            if self.aux_heads:
+                for k, (stage, out) in enumerate(zip(net.stages[:-1], outs[:-1])):
+                    aux = stage_loss(stage, detach(out), y)
+                    losses[k] = aux.item()
+                    total = total + aux
         for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        total.backward()
-        for opt in optimizers:
-            opt.step()
+            u.zero_grad(opt)
+        u.backward(total, net.k - 1)
+        for k, opt in enumerate(optimizers):
+            u.step(opt, k)
         return losses

@@ -1,25 +1,26 @@
-"""What every engine shares: the boundary detach and the step interface.
+"""What every engine shares: the engine protocol and the one place a loss becomes an update.
 
-Gradient isolation lives here and only here: :func:`detach` cuts an activation (a
-tensor or a tuple of tensors) from the graph at a stage boundary.
+Gradient isolation lives in one place: :func:`locallearn.types.detach` cuts an activation
+from the graph at a stage boundary, and only the engines call it.
+
+:class:`StageUpdate` is where every engine runs a stage's forward context, its backward
+and its optimizer step, so precision, gradient scaling, clipping and compilation are
+added once for every engine. :class:`Engine` declares everything the training loop asks
+of an engine; every engine implements all of it (no probing with ``getattr``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Protocol
 
 import torch
 
-from locallearn.models.blocks import Activation
 from locallearn.network import LocalNet, Stage
+from locallearn.types import Activation, detach
 
-
-def detach(h: Activation) -> Activation:
-    """Cut ``h`` from the autograd graph (every tensor of a tuple activation)."""
-    if isinstance(h, tuple):
-        return tuple(detach(t) for t in h)
-    return h.detach()
+Batches = Iterable[tuple[Activation, torch.Tensor]]
 
 
 def stage_loss(stage: Stage, out: Activation, y: torch.Tensor) -> torch.Tensor:
@@ -30,11 +31,102 @@ def stage_loss(stage: Stage, out: Activation, y: torch.Tensor) -> torch.Tensor:
     return loss
 
 
+class StageUpdate:
+    """Forward context, backward and optimizer step of one stage, for every engine.
+
+    This first form is plain fp32; mixed precision (autocast, fp16 gradient scaling)
+    plugs in here and nowhere else.
+    """
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The context a stage's forward and local loss run in."""
+        return contextlib.nullcontext()
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor, k: int) -> None:
+        """Backward of stage ``k``'s loss (or of the whole model's, for end-to-end engines)."""
+        loss.backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, k: int) -> None:
+        """The optimizer step of stage ``k``."""
+        optimizer.step()
+
+
 class Engine(Protocol):
-    """Runs one training step of a LocalNet; returns each stage's loss (NaN where none)."""
+    """Everything the training loop asks of an engine.
+
+    Attributes:
+        name: the engine's config name.
+        active: the stages that train this epoch (dynamic layer accumulation), or
+            ``None`` for all; engines that cannot follow it have ``accumulates = False``.
+        accumulates: True if the engine can follow ``active``.
+        update: the engine's :class:`StageUpdate`.
+    """
 
     name: str
+    active: set[int] | None
+    accumulates: bool
+    update: StageUpdate
 
     def step(self, net: LocalNet, optimizers: Sequence[torch.optim.Optimizer],
-             x: Activation, y: torch.Tensor) -> list[float]:
+             x: Activation | None, y: torch.Tensor | None) -> list[float]:
+        """Train on one batch; each stage's loss (NaN where a stage has none here)."""
         ...
+
+    def owned(self, k: int) -> range:
+        """The stage indices (of ``k``) this engine trains here: all of them in one process."""
+        ...
+
+    def trains(self, k: int, net: LocalNet) -> bool:
+        """True if stage ``k``'s reported loss comes from a trained objective here."""
+        ...
+
+    def evaluate(self, net: LocalNet, batches: Batches | None, comm: Any) -> dict[str, Any] | None:
+        """Test accuracy (see :func:`locallearn.evaluate.evaluate`) on the first rank, else None."""
+        ...
+
+    def close(self) -> None:
+        """Release what the engine holds (links, threads) at the end of a run."""
+        ...
+
+
+class InProcess:
+    """The parts of the protocol shared by the engines that run every stage in one process.
+
+    Args:
+        update: the stage update (default: plain fp32).
+    """
+
+    name = "local"
+    accumulates = False
+
+    def __init__(self, update: StageUpdate | None = None) -> None:
+        self.update = update or StageUpdate()
+        self.active: set[int] | None = None
+
+    def owned(self, k: int) -> range:
+        return range(k)
+
+    def trains(self, k: int, net: LocalNet) -> bool:
+        return self.active is None or k in self.active
+
+    def evaluate(self, net: LocalNet, batches: Batches | None, comm: Any) -> dict[str, Any] | None:
+        from locallearn.evaluate import evaluate
+
+        assert batches is not None, "an in-process engine reads the test batches itself"
+        return evaluate(net, batches)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    @staticmethod
+    def forward_all(net: LocalNet, x: Activation) -> Iterator[tuple[Stage, Activation]]:
+        """Every stage and its output, without detaching (end-to-end engines)."""
+        trail: list[Activation] = []
+        h = x
+        for stage in net.stages:
+            trail.append(h)
+            h = stage(h, trail)
+            yield stage, h

@@ -16,12 +16,12 @@ from collections.abc import Sequence
 
 import torch
 
-from locallearn.engines.base import stage_loss
-from locallearn.models.blocks import Activation
+from locallearn.engines.base import InProcess, StageUpdate, stage_loss
+from locallearn.types import Activation
 from locallearn.network import LocalNet
 
 
-class MultiExitEngine:
+class MultiExitEngine(InProcess):
     """End-to-end BP of the weighted sum of every stage's loss (``engine: multiexit``).
 
     Args:
@@ -30,24 +30,25 @@ class MultiExitEngine:
 
     name = "multiexit"
 
-    def __init__(self, weights: Sequence[float] | None = None) -> None:
+    def __init__(self, weights: Sequence[float] | None = None,
+                 update: StageUpdate | None = None) -> None:
+        super().__init__(update)
         self.weights = list(weights) if weights else None
 
     def step(self, net: LocalNet, optimizers: Sequence[torch.optim.Optimizer],
-             x: Activation, y: torch.Tensor) -> list[float]:
+             x: Activation | None, y: torch.Tensor | None) -> list[float]:
+        assert x is not None and y is not None, "the multiexit engine needs the batch (x, y)"
         weights = self.weights or [1.0] * net.k
         if len(weights) != net.k:
             raise ValueError(f"multiexit engine has {len(weights)} exit weights for {net.k} stages")
-        trail: list[Activation] = []
-        h = x
-        losses = []
-        for stage in net.stages:
-            trail.append(h)
-            h = stage(h, trail)  # no detach: every exit's gradient flows into the trunk below
-            losses.append(stage_loss(stage, h, y))
+        u = self.update
+        with u.autocast():  # no detach: every exit's gradient flows into the trunk below
+            losses = [stage_loss(stage, h, y) for stage, h in self.forward_all(net, x)]
+            total = sum((w * loss for w, loss in zip(weights, losses)),
+                        torch.zeros((), device=y.device))
         for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        sum((w * loss for w, loss in zip(weights, losses)), torch.zeros((), device=y.device)).backward()
-        for opt in optimizers:
-            opt.step()
+            u.zero_grad(opt)
+        u.backward(total, net.k - 1)
+        for k, opt in enumerate(optimizers):
+            u.step(opt, k)
         return [loss.item() for loss in losses]

@@ -37,7 +37,7 @@ import torch
 from locallearn.distributed.comm import Inbox, Outbox
 from locallearn.distributed.wire import EVAL, STOP, TRAIN, Packet
 from locallearn.engines.base import detach, stage_loss
-from locallearn.models.blocks import Activation
+from locallearn.types import Activation, Masked
 from locallearn.network import LocalNet
 
 
@@ -61,7 +61,7 @@ def assign_stages(k: int, workers: int) -> list[range]:
 def _split(a: Activation, parts: int) -> list[Activation]:
     """Cut a batch (a tensor or a tuple of tensors) into ``parts`` along dimension 0."""
     if isinstance(a, tuple):
-        return [tuple(p) for p in zip(*(_split(t, parts) for t in a))]
+        return [Masked(*p) for p in zip(*(t.tensor_split(parts) for t in a))]
     return list(a.tensor_split(parts))
 
 

@@ -12,12 +12,12 @@ from collections.abc import Sequence
 
 import torch
 
-from locallearn.engines.base import detach, stage_loss
-from locallearn.models.blocks import Activation
+from locallearn.engines.base import InProcess, stage_loss
 from locallearn.network import LocalNet
+from locallearn.types import Activation, detach
 
 
-class LocalEngine:
+class LocalEngine(InProcess):
     """Sequential gradient-isolated training of the stages (``engine: local``).
 
     Attribute ``active`` (a set of stage indices, or ``None`` for all) names the stages
@@ -26,30 +26,31 @@ class LocalEngine:
     """
 
     name = "local"
-
-    def __init__(self) -> None:
-        self.active: set[int] | None = None  # None: every stage trains
+    accumulates = True
 
     def step(self, net: LocalNet, optimizers: Sequence[torch.optim.Optimizer],
-             x: Activation, y: torch.Tensor) -> list[float]:
+             x: Activation | None, y: torch.Tensor | None) -> list[float]:
+        assert x is not None and y is not None, "the local engine needs the batch (x, y)"
         losses = [float("nan")] * net.k
         depth = net.k if self.active is None else max(self.active, default=-1) + 1
         h = x
         trail: list[Activation] = []  # detached input and boundary outputs, for context supply
+        u = self.update
         # Stages beyond the deepest active one feed no loss: they do not run (the net grows).
         for k, (stage, opt) in enumerate(zip(net.stages[:depth], optimizers)):
             h = detach(h)
             if net.needs_trail:
                 trail.append(h)
             if self.active is not None and k not in self.active:
-                with torch.no_grad():
+                with torch.no_grad(), u.autocast():
                     h = stage(h, trail)
                 continue
-            out = stage(h, trail)
-            loss = stage_loss(stage, out, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            with u.autocast():
+                out = stage(h, trail)
+                loss = stage_loss(stage, out, y)
+            u.zero_grad(opt)
+            u.backward(loss, k)
+            u.step(opt, k)
             losses[k] = loss.item()
             h = out
         return losses

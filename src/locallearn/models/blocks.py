@@ -3,13 +3,15 @@
 Every model builder in :mod:`locallearn.models` returns a :class:`Backbone`; a split
 (:mod:`locallearn.split`) turns its blocks into stages. No model is written per K.
 
-An *activation* flowing between blocks is a tensor, or a tuple of tensors for models
-that carry side information (text models pass ``(hidden, mask)``). Shapes never
-include the batch dimension; for tuple activations the shape is the first tensor's.
+An *activation* flowing between blocks is a tensor of any rank, or a
+:class:`~locallearn.types.Masked` sequence (text models pass ``Masked(hidden, mask)``);
+anything else is refused when the shapes are inferred. Shapes never include the batch
+dimension; for a masked sequence the shape is that of its hidden states.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-Activation = torch.Tensor | tuple
+from locallearn.errors import ConfigError, options_of
+from locallearn.types import Activation, check_activation, first_tensor
+
 
 ModelBuilder = Callable[..., "Backbone"]
 MODELS: dict[str, tuple[ModelBuilder, str]] = {}
@@ -49,11 +53,6 @@ class Backbone:
         return len(self.blocks)
 
 
-def first_tensor(a: Activation) -> torch.Tensor:
-    """The main tensor of an activation (the first element of a tuple)."""
-    return a[0] if isinstance(a, tuple) else a
-
-
 @torch.no_grad()
 def infer_shapes(blocks: list[nn.Module], input_shape: tuple[int, ...],
                  sample: Activation | None = None) -> list[tuple[int, ...]]:
@@ -66,8 +65,9 @@ def infer_shapes(blocks: list[nn.Module], input_shape: tuple[int, ...],
             e.g. token ids); by default a zero float batch of two samples.
 
     Raises:
-        ValueError: if a block cannot take the previous block's output; the message
-            names the block and the shapes.
+        ValueError: if a block cannot take the previous block's output, or returns
+            something that is neither a tensor nor a Masked sequence; the message names
+            the block and the shapes.
     """
     h: Activation = sample if sample is not None else torch.zeros(2, *input_shape)
     shapes = [tuple(input_shape)]
@@ -82,6 +82,7 @@ def infer_shapes(blocks: list[nn.Module], input_shape: tuple[int, ...],
             ) from e
         finally:
             block.train(was_training)
+        check_activation(h, f"block {i} ({type(block).__name__})")
         shapes.append(tuple(first_tensor(h).shape[1:]))
     return shapes
 
@@ -107,15 +108,20 @@ def build_model(name: str, input_shape: tuple[int, ...] = (3, 32, 32), num_class
         **options: builder options (e.g. ``width`` for VGG/ResNet).
 
     Raises:
-        ValueError: for an unknown model name (the message lists the choices) or an
-            option the builder does not take.
+        ConfigError: for an unknown model name (the message lists the choices), an
+            option the builder does not take or rejects, or text data for an image model.
     """
     from locallearn import models as _  # noqa: F401  (importing registers the builders)
 
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
+        raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
     fn, _help = MODELS[name]
-    try:
-        return fn(input_shape=tuple(input_shape), num_classes=num_classes, **options)
-    except TypeError as e:
-        raise ValueError(f"model {name!r}: bad option ({e})") from e
+    if "vocab_size" in options and "vocab_size" not in inspect.signature(fn).parameters:
+        raise ConfigError(f"model {name!r} takes images, but the data is text or tabular (token "
+                          f"ids of shape {tuple(input_shape)}): choose a text model, e.g. "
+                          "model=lstm or model=transformer")
+    with options_of(f"model {name!r}"):
+        try:
+            return fn(input_shape=tuple(input_shape), num_classes=num_classes, **options)
+        except TypeError as e:
+            raise ConfigError(f"model {name!r}: bad option ({e})") from e

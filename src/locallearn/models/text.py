@@ -1,6 +1,6 @@
 """Text classifiers as block lists: an LSTM and a Transformer encoder.
 
-Activations are tuples ``(h, mask)``: ``h`` float (N, L, D) and ``mask`` bool (N, L),
+Activations are :class:`~locallearn.types.Masked` ``(h, mask)``: ``h`` float (N, L, D) and ``mask`` bool (N, L),
 True for a real token. The first block (the embedding) takes token ids (N, L) int64
 and derives ``mask = ids != 0`` (id 0 is padding, see :mod:`locallearn.data.tokenize`);
 every later block takes and returns ``(h, mask)``. Padding never changes an output
@@ -26,56 +26,17 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.utils import flop_counter
 
+from locallearn.layers import POOL_MODES, SequencePool
 from locallearn.models.blocks import Backbone, infer_shapes, register_model
+from locallearn.types import Masked
 
-POOL_MODES = ("mean", "last", "cls", "bilast")
 POSITIONAL = ("sinusoidal", "learned")
 
-Seq = tuple[torch.Tensor, torch.Tensor]
+Seq = Masked
 
 
 def _lengths(mask: torch.Tensor) -> torch.Tensor:
     return mask.sum(dim=1)
-
-
-class SequencePool(nn.Module):
-    """Pool ``(h, mask)`` of shape (N, L, D) into (N, D) over the real tokens.
-
-    Modes:
-        ``mean``: mean of ``h`` over real positions.
-        ``last``: ``h`` at the last real position. For a bidirectional LSTM the
-            backward half there has only seen the last token; prefer ``bilast``.
-        ``bilast``: first half of D from the last real position, second half from
-            position 0: the final states of both directions of a bidirectional RNN.
-        ``cls``: ``h`` at position 0 (a CLS token, see the ``transformer`` option
-            ``cls_token``).
-
-    A sequence without real tokens pools to zeros.
-    """
-
-    def __init__(self, mode: str = "mean") -> None:
-        super().__init__()
-        if mode not in POOL_MODES:
-            raise ValueError(f"unknown pool mode {mode!r}; choose one of: {', '.join(POOL_MODES)}")
-        self.mode = mode
-
-    def extra_repr(self) -> str:
-        return repr(self.mode)
-
-    def forward(self, x: Seq) -> torch.Tensor:
-        h, mask = x
-        m = mask.unsqueeze(-1).to(h.dtype)
-        if self.mode == "mean":
-            return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
-        if self.mode == "cls":
-            return h[:, 0] * m[:, 0]
-        n = _lengths(mask)
-        rows = torch.arange(h.shape[0], device=h.device)
-        last = h[rows, (n - 1).clamp(min=0)] * (n > 0).unsqueeze(-1).to(h.dtype)
-        if self.mode == "last":
-            return last
-        half = h.shape[-1] // 2
-        return torch.cat([last[:, :half], h[:, 0, half:] * m[:, 0]], dim=-1)
 
 
 def _embedding(vocab_size: int, dim: int, weights: torch.Tensor | None,
@@ -98,7 +59,7 @@ class TokenEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> Seq:
         mask = ids != 0
-        return self.drop(self.embed(ids)) * mask.unsqueeze(-1), mask
+        return Masked(self.drop(self.embed(ids)) * mask.unsqueeze(-1), mask)
 
 
 def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
@@ -144,7 +105,7 @@ class PositionalEmbedding(nn.Module):
             raise ValueError(f"sequence length {h.shape[1]} exceeds the Transformer's "
                              f"max_len {self.max_len}; build the model with a larger max_len")
         h = self.drop(h + self.pos[:h.shape[1]])
-        return h * mask.unsqueeze(-1), mask
+        return Masked(h * mask.unsqueeze(-1), mask)
 
 
 def _lstm_layer_flops(input_shape: tuple[int, ...], w_ih: tuple[int, ...],
@@ -180,7 +141,7 @@ class LSTMLayer(nn.Module):
                                       enforce_sorted=False)
         out, _ = self.lstm(packed)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=h.shape[1])
-        return out * mask.unsqueeze(-1), mask
+        return Masked(out * mask.unsqueeze(-1), mask)
 
 
 class TransformerLayer(nn.Module):
@@ -198,7 +159,7 @@ class TransformerLayer(nn.Module):
         # a row with every key ignored makes softmax NaN: let empty rows attend to position 0
         ignore[:, 0] &= mask.any(dim=1)
         out = self.layer(h, src_key_padding_mask=ignore)
-        return out * mask.unsqueeze(-1), mask
+        return Masked(out * mask.unsqueeze(-1), mask)
 
 
 def _seq_len(input_shape: tuple[int, ...], model: str) -> int:

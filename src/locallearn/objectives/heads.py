@@ -11,8 +11,8 @@ Names follow the local-learning literature (convs and FC layers):
 =======  ==================================================================
 
 Conv heads need a (C, H, W) input; on a flat (D,) input they fall back to ``mlp`` /
-``linear``. Sequence inputs (text models pass ``(h, mask)`` with shape (L, D)) are
-pooled first with :class:`locallearn.models.text.SequencePool` (option ``pool``).
+``linear``. Sequence inputs of shape (L, D) (a Masked text sequence, or a ViT's plain tokens) are
+pooled first with :class:`locallearn.layers.SequencePool` (option ``pool``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+
+from locallearn.errors import ConfigError
 
 HEAD_KINDS = ("0c1f", "1c2f", "2c2f", "mlp", "linear")
 
@@ -63,9 +65,9 @@ def build_head(kind: str, in_shape: tuple[int, ...], num_classes: int,
         ValueError: for an unknown kind (the message lists the choices).
     """
     if kind not in HEAD_KINDS:
-        raise ValueError(f"unknown head {kind!r}; choose one of: {', '.join(HEAD_KINDS)}")
+        raise ConfigError(f"unknown head {kind!r}; choose one of: {', '.join(HEAD_KINDS)}")
     if len(in_shape) == 2:  # a sequence (L, D): pool over real tokens, then a flat head
-        from locallearn.models.text import SequencePool
+        from locallearn.layers import SequencePool
 
         flat_kind = "mlp" if kind in ("mlp", "1c2f", "2c2f") else "linear"
         return nn.Sequential(SequencePool(pool),

@@ -12,7 +12,7 @@ raw features. A projector first reduces the activation to a vector, then maps it
 Reduction depends on the activation: conv features (C, H, W) are average-pooled to C
 (``pool="avg"``, the default: flattening a 256x16x16 map into a linear layer would
 cost millions of weights) or flattened (``pool="none"``); sequences (L, D) with a mask
-are pooled over real tokens (:class:`locallearn.models.text.SequencePool`); flat (D,)
+are pooled over real tokens (:class:`locallearn.layers.SequencePool`); flat (D,)
 features are used as they are.
 """
 
@@ -29,7 +29,7 @@ def _reducer(in_shape: tuple[int, ...], pool: str, seq_pool: str) -> tuple[nn.Mo
     if pool not in POOLS:
         raise ValueError(f"unknown projector pool {pool!r}; choose one of: {', '.join(POOLS)}")
     if len(in_shape) == 2:  # a text sequence (L, D) travelling with its mask
-        from locallearn.models.text import SequencePool
+        from locallearn.layers import SequencePool
 
         return SequencePool(seq_pool), in_shape[1]
     if len(in_shape) == 3 and pool == "avg":
