@@ -84,11 +84,18 @@ def test_checkpoint_cannot_run_code_and_corrupt_file_is_named(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"net": {}, "config": {}, "x": Evil()}, path)
-    with pytest.raises(runs.RunError, match="corrupt or not a locallearn checkpoint"):
+    with pytest.raises(runs.RunError, match="evil.pt is not a locallearn checkpoint"):
         runs.load_checkpoint(path)
     (tmp_path / "trunc.pt").write_bytes(b"\x80\x02garbage")
-    with pytest.raises(runs.RunError, match="trunc.pt"):
+    with pytest.raises(runs.RunError, match="trunc.pt is not a locallearn checkpoint"):
         runs.load_checkpoint(tmp_path / "trunc.pt")
+
+
+def test_a_junk_checkpoint_is_one_line_naming_the_file(tmp_path, capsys):
+    (tmp_path / "junk.pt").write_bytes(b"this is no checkpoint at all\n" * 10)
+    assert main(["eval", str(tmp_path / "junk.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "junk.pt is not a locallearn checkpoint" in err, err
 
 
 def test_atomic_save_keeps_the_old_file_when_saving_fails(tmp_path, monkeypatch):

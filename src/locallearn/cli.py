@@ -1,8 +1,10 @@
 """The command line: a thin layer over the Python API.
 
 Subcommands: ``train``, ``eval``, ``probe``, ``split``, ``list``, ``compare`` and ``demo`` (the
-main job: BP beside local K=4 on the embedded data set). User errors print one line
-naming the problem and exit with status 2, without a traceback.
+main job: BP beside local K=4 on the embedded data set). A user error (a
+:class:`locallearn.errors.UserError`) prints one line naming the problem and exits with
+status 2; any other exception is a bug and keeps its traceback. ``--help``, ``list`` and
+``compare`` do not import torch (the subcommands that need it import it when they run).
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from locallearn import runs
+from locallearn import catalog, runs
 from locallearn.config import ConfigError, apply_overrides, load_config
+from locallearn.errors import UserError, options_of
+from locallearn.log import logger
+from locallearn.log import setup as setup_logging
 from locallearn.report import compare_table, fmt, mib, table
 
 
@@ -31,7 +34,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if config and "=" in config:  # no file given: the first word is an override
         overrides.insert(0, config)
         config = None
-    cfg = load_config(config, overrides)
+    if args.resume:  # the saved config, changed only where the user said so
+        if config:
+            raise ConfigError(f"--resume continues the config saved in {args.resume}; give "
+                              f"overrides only (not the file {config})")
+        cfg, changes = runs.resume_config(args.resume, overrides)
+        for change in changes:
+            logger.info("resume: %s", change)
+    else:
+        cfg = load_config(config, overrides)
     summary, run_dir = run(cfg, resume=args.resume)
     if summary:  # empty on pipeline workers other than rank 0 (under torchrun)
         print(compare_table([summary]))
@@ -42,7 +53,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from locallearn.config import from_dict
     from locallearn.evaluate import evaluate
-    from locallearn.train import Trainer, build_data, build_net
+    from locallearn.train import build_data, build_net
 
     state = runs.load_checkpoint(args.run)
     overrides = [f"data.data_dir={args.data_dir}"] if args.data_dir else []
@@ -50,13 +61,39 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     data = build_data(cfg)
     net = build_net(cfg, data)
     net.load_state_dict(state["net"])
-    result = evaluate(net, Trainer(net, data, cfg).test_batches())
+    test_batches = _test_batches(cfg, data)
+    net.to(test_batches.device)
+    result = evaluate(net, test_batches())
     print(table(["stage", "test acc %"], [[k + 1, a] for k, a in enumerate(result["stage_acc"])]))
     print(f"final {fmt(result['final_acc'])} %  ensemble uniform {fmt(result['ens_uniform'])} %"
           f"  ensemble 2^k {fmt(result['ens_weighted'])} %  ({result['n']} test samples)")
     if args.exit or args.exit_stage or args.threshold is not None:
-        _eval_exits(args, net, Trainer(net, data, cfg).test_batches)
+        _eval_exits(args, net, test_batches)
     return 0
+
+
+class _TestBatches:
+    """The test split as the run's trainer batched it; a callable, one pass per call."""
+
+    def __init__(self, cfg: Any, data: Any) -> None:
+        import torch
+
+        wanted = cfg.engine.device
+        self.device = torch.device(wanted if torch.cuda.is_available() or "cuda" not in wanted
+                                   else "cpu")
+        self.cfg, self.data = cfg, data
+
+    def __call__(self) -> Any:
+        from locallearn.data import batches
+
+        return batches(self.data.test, max(256, self.cfg.data.batch_size), shuffle=False,
+                       generator=None, device=self.device, mean=self.data.meta.get("mean"),
+                       std=self.data.meta.get("std"))
+
+
+def _test_batches(cfg: Any, data: Any) -> _TestBatches:
+    """Test batches for ``eval``: the data alone, no trainer or optimizers built."""
+    return _TestBatches(cfg, data)
 
 
 def _eval_exits(args: argparse.Namespace, net: Any, test_batches: Callable[[], Any]) -> None:
@@ -98,18 +135,22 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
+    import torch
+
     from locallearn.context import find_cuts_with_context
     from locallearn.measure import SavedTensorsMeter, macs, param_count
     from locallearn.models import build_model
     from locallearn.split import stage_ranges
 
     shape = tuple(int(s) for s in args.input_shape.split(","))
-    backbone = build_model(args.model, shape, args.classes,
-                           **({"width": args.width} if args.width else {}))
-    cuts = find_cuts_with_context(backbone, args.k, args.by,
-                                  [int(c) for c in args.cuts.split(",")] if args.cuts else None,
-                                  args.batch, args.context)
-    nodes = _split_nodes(args, backbone, cuts)  # regroups the backbone's convs when --groups > 1
+    with options_of(f"model {args.model!r}"):
+        backbone = build_model(args.model, shape, args.classes,
+                               **({"width": args.width} if args.width else {}))
+    with options_of("split"):
+        cuts = find_cuts_with_context(backbone, args.k, args.by,
+                                      [int(c) for c in args.cuts.split(",")] if args.cuts else None,
+                                      args.batch, args.context)
+        nodes = _split_nodes(args, backbone, cuts)  # regroups the convs when --groups > 1
     rows = []
     for i, r in enumerate(stage_ranges(cuts, len(backbone))):
         body = torch.nn.Sequential(*backbone.blocks[r.start:r.stop])
@@ -130,8 +171,10 @@ def _cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
-def _split_nodes(args: argparse.Namespace, backbone, cuts: list[int]) -> dict:
+def _split_nodes(args: argparse.Namespace, backbone: Any, cuts: list[int]) -> dict:
     """Per-(stage, group) MACs of the split, with heads, groups and context as asked."""
+    import torch
+
     from locallearn.groups import node_costs
     from locallearn.network import LocalNet
 
@@ -142,17 +185,7 @@ def _split_nodes(args: argparse.Namespace, backbone, cuts: list[int]) -> dict:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from locallearn.data import DATASET_HELP
-    from locallearn.engines import ENGINES
-    from locallearn.models import MODELS
-    from locallearn.objectives import HEAD_KINDS, OBJECTIVES
-
-    sections = [("models", {k: v[1] for k, v in MODELS.items()}),
-                ("objectives", {k: v[1] for k, v in OBJECTIVES.items()}),
-                ("engines", ENGINES),
-                ("data sets", dict(DATASET_HELP)),
-                ("heads", {k: "" for k in HEAD_KINDS})]
-    for title, items in sections:
+    for title, items in catalog.sections():
         print(f"{title}:")
         for name, help_ in sorted(items.items()):
             print(f"  {name:<16} {help_}")
@@ -162,10 +195,15 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     summaries = []
     for path in args.runs:
-        f = Path(path) / "summary.json"
-        if not f.is_file():
-            raise runs.RunError(f"{path} has no summary.json (is it a finished run folder?)")
-        summaries.append(json.loads(f.read_text()))
+        if not Path(path).is_dir():
+            raise runs.RunError(f"{path} is not a run folder")
+        if not runs.is_finished(path):  # failed, still running, or stopped before its end
+            print(f"locallearn compare: skipping {path}: no summary.json (not a finished run)",
+                  file=sys.stderr)
+            continue
+        summaries.append(json.loads((Path(path) / "summary.json").read_text()))
+    if not summaries:
+        raise runs.RunError("none of the folders holds a finished run (summary.json)")
     print(compare_table(summaries))
     return 0
 
@@ -239,15 +277,26 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; dotted overrides may also follow options (``--data-dir D k=v``)."""
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        words = [w for w in extra if "=" in w and not w.startswith("-")]
+        args.overrides = [*args.overrides, *words]
+        extra = [w for w in extra if w not in words]
+    if extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``locallearn`` command."""
-    from locallearn.data import DataError
-    from locallearn.train import TrainingError
-
-    args = parser().parse_args(argv)
+    args = _parse(argv)
+    setup_logging()
     try:
-        return args.fn(args)
-    except (ConfigError, DataError, runs.RunError, TrainingError, ValueError) as e:
+        return int(args.fn(args))
+    except UserError as e:
         print(f"locallearn {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -19,9 +19,7 @@ from typing import Any, Literal, Union, cast
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration key or value is not allowed; the message names it and the choices."""
+from locallearn.errors import ConfigError
 
 
 # train.compile: off, on (torch's default mode) or one of torch.compile's modes
@@ -318,6 +316,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """One line saying where a YAML error is and what it is: ``line 3, column 7: ...``."""
+    mark = getattr(e, "problem_mark", None)
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark else str(what)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML run file (optional), apply dotted overrides, validate.
 
@@ -332,7 +337,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+            raise ConfigError(f"config file {p} is not valid YAML: {yaml_problem(e)}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections")
     return from_dict(apply_overrides(data, overrides or []))

@@ -404,8 +404,8 @@ def _objective_macs(stage: Stage, out: Any, y: torch.Tensor) -> tuple[int, list[
     if predictor is not None:
         total += macs(lambda: predictor.loss(out, y))
     group = find_group_objective(stage.objective)
-    if group is None:
-        return total, [0]
+    if group is None:  # one node: its head is the whole objective
+        return total, [total]
     # the cast: mypy cannot infer a lambda with a default argument against Callable[[], Any]
     return total, [macs(cast("Callable[[], Any]", lambda g=g: group.group_loss(out, y, g)))
                    for g in range(group.groups)]

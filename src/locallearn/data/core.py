@@ -19,15 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from locallearn.errors import DataError  # re-exported as locallearn.data.DataError
+
 DATA_DIR_ENV = "LOCALLEARN_DATA_DIR"
 # An augmentation: a float batch (B, C, H, W) and a generator in, a batch out. Augment
 # (basic crop/flip) is one; stronger pipelines follow the same call.
 AugmentFn = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
 DEFAULT_DATA_DIR = "./data"
-
-
-class DataError(ValueError):
-    """A data set cannot be found or read; the message names the path and the fix."""
 
 
 @dataclass
