@@ -5,6 +5,7 @@ The pipeline-equals-sequential test in bf16 runs both sides under the same
 happen in the same order and the parameters agree bit for bit.
 """
 
+import contextlib
 import copy
 import warnings
 from collections import deque
@@ -17,6 +18,7 @@ from locallearn import precision
 from locallearn.config import load_config
 from locallearn.distributed.wire import Layout, Packet, encode
 from locallearn.engines import LocalEngine
+from locallearn.engines.base import StageUpdate
 from locallearn.engines.pipeline import PipelineEngine, assign_stages
 from locallearn.models import build_model
 from locallearn.network import LocalNet
@@ -220,6 +222,14 @@ def _optimizers(net):
             for s in net.stages]
 
 
+def _with_choice(engine, choice):
+    """Give ``engine`` the run's StageUpdate; an engine without one runs under its autocast."""
+    if hasattr(engine, "update"):
+        engine.update = StageUpdate(choice)
+        return contextlib.nullcontext()
+    return precision.autocast(choice)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_in_bf16_the_pipeline_equals_the_sequential_engine_bit_for_bit(channels_last):
     choice = Choice("bf16", channels_last, None, "cpu", "test")
@@ -228,16 +238,55 @@ def test_in_bf16_the_pipeline_equals_the_sequential_engine_bit_for_bit(channels_
     oa, ob = _optimizers(a), _optimizers(b)
     ranges = assign_stages(4, 2)
     link = Loopback()
+    local = LocalEngine()
     engines = [PipelineEngine(ranges[0], None, link), PipelineEngine(ranges[1], link, None)]
-    update = PrecisionUpdate(choice)
+    contexts = [_with_choice(e, choice) for e in (local, *engines)]
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
         x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
-        x = update.input(x)
-        with update.autocast():  # the same forward context on both sides
-            la = LocalEngine().step(a, oa, x, y)
+        x = PrecisionUpdate(choice).input(x)
+        with contexts[0]:
+            la = local.step(a, oa, x, y)
+        with contexts[1]:
             lb = engines[0].step(b, ob, x, y)
+        with contexts[2]:
             lb[2:] = engines[1].step(b, ob)[2:]
         assert lb == la
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), name
+
+
+# -- fp16 gradient scaling (on the CPU here: GradScaler works there too) --------------------------
+
+FP16 = Choice("fp16", False, None, "cpu", "test")
+
+
+def test_fp16_scales_each_stage_with_its_own_scaler():
+    update = StageUpdate(FP16)
+    lins = [torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in lins]
+    before = [m.weight.detach().clone() for m in lins]
+    for k, m in enumerate(lins):
+        loss = m(torch.ones(2, 3)).sum() * (float("inf") if k == 0 else 1.0)
+        update.backward(loss, k)
+        update.step(opts[k], k)
+    assert torch.equal(lins[0].weight, before[0])  # stage 1 overflowed: its step is skipped
+    assert not torch.equal(lins[1].weight, before[1])  # stage 2 stepped all the same
+    update.backward(lins[0](torch.ones(2, 3)).sum(), 0)  # the lazy update halves the scale
+    assert update.scaler(0).get_scale() < update.scaler(1).get_scale()
+
+
+def test_fp16_end_to_end_backward_steps_every_optimizer_with_its_scaler():
+    update = StageUpdate(FP16)
+    a, b = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1)
+    ref_a, ref_b = copy.deepcopy(a), copy.deepcopy(b)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (a, b)]
+    update.backward(b(a(torch.ones(2, 3))).sum(), 1)  # BP: one backward, the last stage's k
+    for k, opt in enumerate(opts):
+        update.step(opt, k)
+    ref_opt = torch.optim.SGD([*ref_a.parameters(), *ref_b.parameters()], lr=0.1)
+    ref_b(ref_a(torch.ones(2, 3))).sum().backward()
+    ref_opt.step()
+    torch.testing.assert_close(a.weight, ref_a.weight)  # unscaled exactly (powers of two)
+    torch.testing.assert_close(b.weight, ref_b.weight)
+    assert set(update.state_dict()) == {1}

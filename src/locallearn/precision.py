@@ -275,14 +275,22 @@ def prepare(net: nn.Module, choice: Choice, stages: Sequence[int] | None = None)
 class PrecisionUpdate:
     """The inside of ``StageUpdate``: autocast, (scaled) backward and optimizer step per stage.
 
-    In fp32 and bf16 it is plain ``loss.backward()`` and ``optimizer.step()``; in fp16
-    (CUDA) every stage ``k`` has its own :class:`torch.amp.GradScaler`, because every
-    stage steps its own optimizer on its own loss.
+    In fp32 and bf16 it is plain ``loss.backward()`` and ``optimizer.step()``. In fp16
+    (CUDA) the loss of stage ``k`` is scaled by stage ``k``'s own
+    :class:`torch.amp.GradScaler` (every stage steps its own optimizer on its own loss,
+    so one stage's overflow must not skip another's step). An optimizer steps with the
+    scaler that scaled its gradients: its own stage's, or, after one end-to-end
+    backward (BP, multi-exit), the scaler of that backward. A scaler updates its scale
+    lazily, before it next scales a loss, so every optimizer it served stepped with
+    the same scale.
     """
 
     def __init__(self, choice: Choice = FP32) -> None:
         self.choice = choice
         self.scalers: dict[int, Any] = {}
+        self._scaled_by: dict[int, Any] = {}   # stage -> scaler of its pending gradients
+        self._last: Any = None                 # scaler of the latest backward
+        self._stepped: set[int] = set()        # id of scalers that stepped since their update
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The forward context of a stage and its local loss."""
@@ -303,22 +311,36 @@ class PrecisionUpdate:
     def backward(self, loss: torch.Tensor, k: int) -> None:
         """Backward of stage ``k``'s loss (scaled in fp16)."""
         scaler = self.scaler(k)
-        (loss if scaler is None else scaler.scale(loss)).backward()
+        if scaler is None:
+            loss.backward()
+            return
+        if id(scaler) in self._stepped:  # the steps it served are done: new scale now
+            scaler.update()
+            self._stepped.discard(id(scaler))
+        scaler.scale(loss).backward()
+        self._scaled_by[k] = self._last = scaler
 
     def step(self, optimizer: torch.optim.Optimizer, k: int) -> None:
-        """Stage ``k``'s optimizer step (unscaled and skipped on inf/NaN in fp16)."""
-        scaler = self.scaler(k)
-        if scaler is None:
+        """Stage ``k``'s optimizer step (unscaled, and skipped on inf/NaN, in fp16)."""
+        if self.choice.precision != "fp16":
             optimizer.step()
             return
+        scaler = self._scaled_by.pop(k, None) or self._last
+        if scaler is None:  # no backward scaled anything: nothing to step
+            return
         scaler.step(optimizer)
-        scaler.update()
+        self._stepped.add(id(scaler))
 
     def state_dict(self) -> dict[str, Any]:
         """The fp16 scalers' state (empty otherwise), for checkpoints."""
+        for s in self.scalers.values():
+            if id(s) in self._stepped:
+                s.update()
+                self._stepped.discard(id(s))
         return {k: s.state_dict() for k, s in self.scalers.items()}
 
     def load_state_dict(self, state: dict[Any, Any]) -> None:
+        """Restore the scalers of :meth:`state_dict`."""
         for k, s in state.items():
             scaler = self.scaler(int(k))
             if scaler is not None:

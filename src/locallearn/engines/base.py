@@ -11,13 +11,13 @@ of an engine; every engine implements all of it (no probing with ``getattr``).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
 
 from locallearn.network import LocalNet, Stage
+from locallearn.precision import PrecisionUpdate
 from locallearn.types import Activation, detach
 
 Batches = Iterable[tuple[Activation, torch.Tensor]]
@@ -31,27 +31,21 @@ def stage_loss(stage: Stage, out: Activation, y: torch.Tensor) -> torch.Tensor:
     return loss
 
 
-class StageUpdate:
+class StageUpdate(PrecisionUpdate):
     """Forward context, backward and optimizer step of one stage, for every engine.
 
-    This first form is plain fp32; mixed precision (autocast, fp16 gradient scaling)
-    plugs in here and nowhere else.
-    """
+    Args:
+        choice: the run's precision, memory format and compilation
+            (:func:`locallearn.precision.resolve`); default plain fp32.
 
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """The context a stage's forward and local loss run in."""
-        return contextlib.nullcontext()
+    ``autocast()`` is the forward context (``torch.autocast`` in bf16/fp16, nothing in
+    fp32), ``backward(loss, k)`` and ``step(optimizer, k)`` scale and unscale with stage
+    ``k``'s gradient scaler in fp16 (see :class:`locallearn.precision.PrecisionUpdate`),
+    ``input(x)`` puts a network input in the run's memory format.
+    """
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         optimizer.zero_grad(set_to_none=True)
-
-    def backward(self, loss: torch.Tensor, k: int) -> None:
-        """Backward of stage ``k``'s loss (or of the whole model's, for end-to-end engines)."""
-        loss.backward()
-
-    def step(self, optimizer: torch.optim.Optimizer, k: int) -> None:
-        """The optimizer step of stage ``k``."""
-        optimizer.step()
 
 
 class Engine(Protocol):
