@@ -24,6 +24,17 @@ from locallearn.objectives.reconstruct import ReconstructObjective, reconstruct_
 from locallearn.split import stage_ranges
 
 
+def _stage_place(backbone: Backbone, ranges: Sequence[range], i: int) -> dict[str, Any]:
+    """Where stage ``i`` sits, for objectives that look beyond it (``objectives.base.STAGE_KEYS``).
+
+    ``later_blocks`` lists ``(block, input shape)`` of every block after the stage; an
+    objective must copy what it keeps (it must not own the next stages' parameters).
+    """
+    later = range(ranges[i].stop, len(backbone))
+    return {"stage": i, "num_stages": len(ranges), "image_shape": backbone.shapes[0],
+            "later_blocks": [(backbone.blocks[j], backbone.shapes[j]) for j in later]}
+
+
 class Stage(nn.Module):
     """A body of consecutive blocks with its local objective (and optional predictor).
 
@@ -98,6 +109,18 @@ class LocalNet(nn.Module):
         ctx = self.stages[k].context
         return (list(cast(StageContext, ctx).needs())
                 if ctx is not None and hasattr(ctx, "needs") else [])
+
+    @torch.no_grad()
+    def update_momentum(self) -> None:
+        """Move every momentum copy (MAN) towards the next stage's first block.
+
+        The training loop calls this after every optimizer step; a stage whose objective
+        has no ``update_momentum`` is left alone.
+        """
+        for stage, after in zip(self.stages[:-1], self.stages[1:]):
+            update = getattr(stage.objective, "update_momentum", None)
+            if update is not None:
+                update(after.body[0])
 
     def forward(self, x: Activation) -> torch.Tensor:
         trail: list[Activation] = []
@@ -178,10 +201,13 @@ class LocalNet(nn.Module):
                                             **(group_options or {}))
             else:
                 obj = build_objective(objective, out_shape, backbone.num_classes, head=h,
-                                      last=i == k - 1, **opts)
+                                      last=i == k - 1, **_stage_place(backbone, ranges, i),
+                                      **opts)
             if recon[i]:
                 obj = ReconstructObjective(obj, out_shape, backbone.shapes[0], recon[i])
-            ctx = build_context(context, i, trail_shapes, taps=[obj] if recon[i] else [],
+            # an objective with set_target (a reconstruction term) receives the network input
+            ctx = build_context(context, i, trail_shapes,
+                                taps=[obj] if hasattr(obj, "set_target") else [],
                                 **(context_options or {}))
             pred = None
             if predictor:

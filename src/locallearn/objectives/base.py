@@ -8,12 +8,14 @@ isolation. Config names map to builders through :data:`OBJECTIVES`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from locallearn.errors import ConfigError
 from locallearn.models.blocks import Activation
 
 
@@ -43,9 +45,18 @@ def register_objective(name: str, help: str) -> Callable[[ObjectiveBuilder], Obj
     return wrap
 
 
+# Where a stage sits, passed by LocalNet.from_backbone; a builder receives a key only if it
+# names it as a parameter (objectives that look beyond their own stage: InfoPro, AugLocal, MAN).
+STAGE_KEYS = ("stage", "num_stages", "image_shape", "later_blocks")
+
+
 def build_objective(name: str, in_shape: tuple[int, ...], num_classes: int,
                     **options: Any) -> Objective:
     """Build a registered objective for a stage whose output has shape ``in_shape``.
+
+    Options named in :data:`STAGE_KEYS` reach only builders that take them. Option
+    ``momentum_aux`` (m > 0) puts an EMA copy of the next stage's first block before
+    the objective (MAN, :mod:`locallearn.objectives.momentum`).
 
     Raises:
         ValueError: for an unknown name (the message lists the choices).
@@ -53,5 +64,13 @@ def build_objective(name: str, in_shape: tuple[int, ...], num_classes: int,
     import locallearn.objectives  # noqa: F401  (importing registers the builders)
 
     if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; choose one of: {', '.join(sorted(OBJECTIVES))}")
-    return OBJECTIVES[name][0](in_shape, num_classes, **options)
+        raise ConfigError(f"unknown objective {name!r}; choose one of: {', '.join(sorted(OBJECTIVES))}")
+    if options.get("momentum_aux"):
+        from locallearn.objectives.momentum import build_momentum_objective
+
+        return build_momentum_objective(name, in_shape, num_classes, **options)
+    options.pop("momentum_aux", None)
+    fn = OBJECTIVES[name][0]
+    takes = inspect.signature(fn).parameters
+    options = {k: v for k, v in options.items() if k not in STAGE_KEYS or k in takes}
+    return fn(in_shape, num_classes, **options)
