@@ -39,8 +39,8 @@ class DataConfig:
     data_dir: str | None = None     # root folder; default $LOCALLEARN_DATA_DIR or ./data
     batch_size: int = 64
     augment: Literal["none", "basic", "strong"] = "none"  # basic: crop + flip; strong: SimCLR (kornia)
-    train_subset: int = 0                 # use only the first N training samples (0 = all)
-    test_subset: int = 0                  # use only the first N test samples (0 = all)
+    train_subset: int = 0                 # N training samples, stratified, seeded (0 = all)
+    test_subset: int = 0                  # N test samples, stratified, seeded (0 = all)
     options: dict = field(default_factory=dict)  # reader options, e.g. {path: x.tar.gz}
     on_device: Literal["auto", "true", "false"] = "auto"  # hold the splits on engine.device
                                           # (auto: a CUDA device with room to spare); else pinned

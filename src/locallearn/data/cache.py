@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 CACHE_DIR_ENV = "LOCALLEARN_CACHE_DIR"
+log = logging.getLogger("locallearn")
 # Bump when the decoded layout changes, so that old entries are not reused.
 CACHE_VERSION = 1
 
@@ -86,6 +88,7 @@ def cached_arrays(
     path = cache_path(kind, source_hash, options)
     arrays = _read(path, keys)
     if arrays is None:
+        log.info("decoding %s into the cache %s (only this once; later runs read it)", kind, path)
         arrays = build()
         _write(path, arrays)
     return arrays

@@ -53,11 +53,39 @@ class ArrayData:
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
-    def subset(self, n: int) -> ArrayData:
-        """Return the first ``n`` samples (all of them if ``n`` is larger), for quick runs."""
+    def subset(self, n: int, seed: int = 0) -> ArrayData:
+        """``n`` samples drawn at random per class, every class in proportion (stratified).
+
+        Sources stored class by class (folders of classes) would keep only their first
+        classes if the first ``n`` were taken. The draw depends only on ``seed`` and the
+        labels, so every run with ``data.train_subset=n`` sees the same samples. All the
+        samples (in their order) if ``n`` is not smaller than the split.
+
+        Raises:
+            DataError: if ``n`` is negative.
+        """
         if n < 0:
-            raise ValueError(f"subset size must be >= 0, got {n}")
-        return ArrayData(self.x[:n], self.y[:n], list(self.classes))
+            raise DataError(f"subset size must be >= 0, got {n}")
+        if n >= len(self):
+            return ArrayData(self.x, self.y, list(self.classes))
+        idx = stratified_indices(self.y, n, seed).to(self.x.device)
+        return ArrayData(self.x[idx], self.y[idx.to(self.y.device)], list(self.classes))
+
+
+def stratified_indices(y: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """Indices of ``n`` of the labels ``y``: each class's share of ``n`` (largest remainders)
+    drawn at random within the class, returned in a seeded random order."""
+    g = torch.Generator().manual_seed(seed)
+    y = y.cpu()
+    classes, counts = torch.unique(y, return_counts=True)
+    exact = counts.double() * n / len(y)
+    take = exact.floor().long()
+    extra = n - int(take.sum())
+    take[torch.argsort(exact - take.double(), descending=True, stable=True)[:extra]] += 1
+    picked = [torch.nonzero(y == c).flatten()[torch.randperm(int(k_all), generator=g)[:int(k)]]
+              for c, k_all, k in zip(classes.tolist(), counts.tolist(), take.tolist())]
+    chosen = torch.cat(picked)
+    return chosen[torch.randperm(len(chosen), generator=g)]
 
 
 @dataclass
@@ -137,6 +165,14 @@ def make_splits(
     if is_image_tensor(splits.train.x):
         splits.meta["mean"], splits.meta["std"] = channel_stats(splits.train.x)
     return splits
+
+
+def archive_problem(err: BaseException) -> str:
+    """One line for why an archive cannot be read (tarfile lists every method it tried)."""
+    text = str(err)
+    if "could not be opened successfully" in text:
+        return "it is not a tar archive (gzip, bzip2, xz or plain tar)"
+    return (text.strip().splitlines() or [type(err).__name__])[0]
 
 
 # --- registry -------------------------------------------------------------------------

@@ -39,7 +39,13 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from locallearn.data import cache
-from locallearn.data.core import DataError, DataSplits, make_splits, register_dataset
+from locallearn.data.core import (
+    DataError,
+    DataSplits,
+    archive_problem,
+    make_splits,
+    register_dataset,
+)
 from locallearn.data.tokenize import (
     DEFAULT_MAX_LEN,
     TOKENIZERS,
@@ -112,7 +118,8 @@ def read_imdb(source: Path) -> dict[str, RawText]:
                         found[m[1]].append((member.name, classes.index(m[2]),
                                             data.decode("utf-8", "replace")))
         except (tarfile.TarError, OSError) as e:
-            raise DataError(f"cannot read IMDB archive {source}: {e}") from e
+            raise DataError(f"cannot read IMDB archive {source}: {archive_problem(e)} (or it "
+                            "is corrupt or truncated)") from e
     else:
         for split, items in found.items():
             for label, cls in enumerate(classes):
@@ -165,7 +172,11 @@ def _parse_label(value: str, classes: list[str] | None, label_base: int | None,
         raise DataError(f"{where}: label {value!r} is not an integer") from None
     if label < 0 or (classes is not None and label >= len(classes)):
         top = f"{label_base + len(classes) - 1}" if classes is not None else "..."
-        raise DataError(f"{where}: label {value} out of range; allowed {label_base}..{top}")
+        hint = ""
+        if classes is not None and label == len(classes):  # one past the top: counted from 1?
+            hint = (f" (labels counted from {label_base + 1}? set "
+                    f"data.options={{label_base: {label_base + 1}}})")
+        raise DataError(f"{where}: label {value} out of range; allowed {label_base}..{top}{hint}")
     return label
 
 

@@ -25,7 +25,13 @@ from typing import Any
 import numpy as np
 
 from locallearn.data.cache import Arrays, cached_arrays, fingerprint
-from locallearn.data.core import DataError, DataSplits, make_splits, register_dataset
+from locallearn.data.core import (
+    DataError,
+    DataSplits,
+    archive_problem,
+    make_splits,
+    register_dataset,
+)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 SPLIT_KEYS = ("train_x", "train_y", "test_x", "test_y", "classes")
@@ -41,8 +47,8 @@ def _not_found(what: str, root: Path, expected: str) -> DataError:
     hint = (
         ""
         if root.is_dir()
-        else f" (the data directory {root} does not exist: pass data_dir=, "
-        "set LOCALLEARN_DATA_DIR or create ./data)"
+        else f" (the data directory {root} does not exist: pass --data-dir (or "
+        "data.data_dir=), set LOCALLEARN_DATA_DIR or create ./data)"
     )
     return DataError(f"{what} not found under {root}{hint}: expected {expected}")
 
@@ -90,7 +96,8 @@ def iter_members(
                     yield member.name, handle.read()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
         raise DataError(
-            f"cannot read archive {source} (corrupt or truncated: {err}); expected {expected}"
+            f"cannot read archive {source}: {archive_problem(err)} (or it is corrupt or "
+            f"truncated); expected {expected}"
         ) from err
 
 
