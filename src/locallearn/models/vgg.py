@@ -11,7 +11,14 @@ model         convs (``M`` = max-pool)                                  task hea
 ``vgg6a``     128 M 256 M 512 M 512                                     ``mlp`` [1024]
 ``vgg8``      128 256 M 256 512 M 512 M 512 M                           ``mlp`` [2500]
 ``vgg11``     64 M 128 M 256 256 M 512 512 M 512 512 M                  ``0c1f``
+``vgg8b``     128 256 M 256 512 M 512 M 512 M, FC 1024 (a block)          ``linear``
+``vgg11b``    128 128 128 256 M 256 512 M 512 512 M 512 M, FC 1024       ``linear``
 ============  ========================================================  =================
+
+``vgg8b`` and ``vgg11b`` are the nets of Nøkland & Eidnes' PredSim experiments; their
+hidden FC layer (flatten -> FC 1024 -> BN -> ReLU) is a block too, so a layer-wise split is
+``split.k`` = number of blocks (7 and 10). ``width`` scales every conv and the FC layer (the
+paper's 2x and 3x nets); option ``dropout`` adds dropout after every block, as the paper does.
 
 Sources. ``vgg6a`` is the configuration named VGG6a by Nøkland & Eidnes (2019, "Training
 neural networks with local error signals"; 4 convs + one 1024-unit FC layer + the output
@@ -42,6 +49,10 @@ Config = list[int | str]
 VGG6A: Config = [128, "M", 256, "M", 512, "M", 512]
 VGG8: Config = [128, 256, "M", 256, 512, "M", 512, "M", 512, "M"]
 VGG11: Config = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
+
+
+VGG8B: Config = VGG8
+VGG11B: Config = [128, 128, 128, 256, "M", 256, 512, "M", 512, 512, "M", 512, "M"]
 
 
 def vgg_blocks(config: Config, input_shape: tuple[int, ...], width: float = 1.0,
@@ -116,3 +127,39 @@ def vgg11(input_shape: tuple[int, ...], num_classes: int, *, width: float = 1.0,
     """
     return _build("vgg11", VGG11, input_shape, num_classes, width, channel_multiple,
                   head="0c1f", head_options={})
+
+
+def _vgg_b(name: str, config: Config, input_shape: tuple[int, ...], num_classes: int,
+           width: float, channel_multiple: int, dropout: float, fc: int = 1024) -> Backbone:
+    """Conv blocks, then one FC block (flatten -> FC -> BN -> ReLU), dropout after each."""
+    blocks = vgg_blocks(config, input_shape, width, channel_multiple, model=name)
+    shapes = infer_shapes(blocks, input_shape)
+    c, h, w = shapes[-1]
+    hidden = scale_channels(fc, width, channel_multiple)
+    blocks.append(nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, hidden),
+                                nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)))
+    if dropout:
+        for block in blocks:
+            block.add_module("drop", nn.Dropout(dropout))
+    return Backbone(name=name, blocks=blocks, shapes=infer_shapes(blocks, input_shape),
+                    num_classes=num_classes, head="linear", head_options={})
+
+
+@register_model("vgg8b", help="VGG8B (Nøkland & Eidnes 2019): 6 conv blocks + an FC-1024 block")
+def vgg8b(input_shape: tuple[int, ...], num_classes: int, *, width: float = 1.0,
+          channel_multiple: int = 1, dropout: float = 0.0) -> Backbone:
+    """VGG8B: convs 128 256 M 256 512 M 512 M 512 M, block FC 1024; task head linear.
+
+    Args: as :func:`vgg6a`, and ``dropout`` after every block (0 = none).
+    """
+    return _vgg_b("vgg8b", VGG8B, input_shape, num_classes, width, channel_multiple, dropout)
+
+
+@register_model("vgg11b", help="VGG11B (Nøkland & Eidnes 2019): 9 conv blocks + an FC-1024 block")
+def vgg11b(input_shape: tuple[int, ...], num_classes: int, *, width: float = 1.0,
+           channel_multiple: int = 1, dropout: float = 0.0) -> Backbone:
+    """VGG11B: convs 128 128 128 256 M 256 512 M 512 512 M 512 M, block FC 1024; head linear.
+
+    Args: as :func:`vgg8b`.
+    """
+    return _vgg_b("vgg11b", VGG11B, input_shape, num_classes, width, channel_multiple, dropout)
