@@ -256,14 +256,25 @@ def metrics(folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def pid_alive(folder: Path) -> int | None:
-    """The pid in ``<folder>.pid`` if that process is alive and is this run's training."""
+def _alive(pid: int, name: str) -> bool:
+    """True if process ``pid`` runs and its command line names ``name`` (not a reused pid)."""
     try:
-        pid = int(folder.with_name(folder.name + ".pid").read_text().split()[0])
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except (OSError, ValueError, IndexError):
-        return None
-    return pid if folder.name in cmdline else None
+        return name in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+
+
+def pid_alive(folder: Path) -> int | None:
+    """The pid of the process training ``folder``, if alive: from the driver's ``<name>.pid``
+    beside it, or from the library's own ``.lock`` inside it ("pid N on HOST")."""
+    for path, word in ((folder.with_name(folder.name + ".pid"), 0), (folder / ".lock", 1)):
+        try:
+            pid = int(path.read_text().split()[word])
+        except (OSError, ValueError, IndexError):
+            continue
+        if _alive(pid, folder.name):
+            return pid
+    return None
 
 
 def state(run: Run, runs: Path = RUNS) -> str:
@@ -337,20 +348,28 @@ def status(protocol: Protocol, only: Sequence[str] = (), runs: Path = RUNS,
         else:
             needed += left * per_epoch
         lines.append(f"  {r.name:<34} {s:<12} {done_epochs:>4}/{protocol.epochs} epochs  "
-                     f"{train_seconds(folder) / 3600:6.2f} h")
+                     f"{duration(train_seconds(folder)):>8}")
     counts = {s: sum(v == s for v in states.values())
               for s in ("done", "running", "interrupted", "stale", "left")}
     return {"protocol": protocol.name, "runs": len(plan), "counts": counts, "lines": lines,
-            "spent_hours": spent / 3600, "needed_hours": needed / 3600,
-            "needed_wall_hours": needed / 3600 / max(jobs, 1), "unestimated": unknown}
+            "spent_seconds": spent, "needed_seconds": needed,
+            "needed_wall_seconds": needed / max(jobs, 1), "unestimated": unknown}
+
+
+def duration(seconds: float) -> str:
+    """``2h05m``, ``14m`` or ``9s``."""
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+    return f"{int(seconds // 60)}m" if seconds >= 60 else f"{seconds:.0f}s"
 
 
 def print_status(s: dict[str, Any], jobs: int) -> None:
     counts = ", ".join(f"{n} {k}" for k, n in s["counts"].items() if n)
     print(f"protocol {s['protocol']}: {s['runs']} runs: {counts}")
     print("\n".join(s["lines"]))
-    print(f"machine time spent: {s['spent_hours']:.2f} h of training epochs; still needed: "
-          f"{s['needed_hours']:.2f} h (~{s['needed_wall_hours']:.2f} h wall at {jobs} jobs)"
+    print(f"machine time spent: {duration(s['spent_seconds'])} of training epochs; still needed: "
+          f"{duration(s['needed_seconds'])} (~{duration(s['needed_wall_seconds'])} wall at "
+          f"{jobs} jobs)"
           + (f"; {s['unestimated']} runs not estimated (no finished run or --measure yet)"
              if s["unestimated"] else ""))
 
@@ -522,13 +541,14 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             if (pr, mo) != (protocol, model):
                 continue
             mean, std = mean_std([r["final_acc"] for r in rs])
+            spread = f" ± {std:.2f}" if len(rs) > 1 else ""
             best = mean_std([r["best_acc"] for r in rs if r["best_acc"] is not None] or [math.nan])[0]
             pub, pub_bp = published_acc(model, method, k), published_acc(model, "bp", 1)
             gap = "" if method == "bp" or bp_mean is None else f"{mean - bp_mean:+.2f}"
             pub_gap = "" if method == "bp" or pub is None or pub_bp is None else f"{pub - pub_bp:+.2f}"
             hours = mean_std([r["train_seconds"] / 3600 for r in rs])[0]
             saved = max((r["saved_bytes_peak"] or 0) for r in rs) / 2**20
-            out.append(f"| {method} | {k} | {len(rs)} | {mean:.2f} ± {std:.2f} | {best:.2f} | {gap} "
+            out.append(f"| {method} | {k} | {len(rs)} | {mean:.2f}{spread} | {best:.2f} | {gap} "
                        f"| {'' if pub is None else f'{pub:.2f}'} | {pub_gap} | {hours:.2f} "
                        f"| {saved:.1f} |")
         out += ["", f"![accuracy vs K]({plot_name(protocol, model)})", ""]
@@ -545,6 +565,7 @@ def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     groups, paths = grouped(rows), []
     for protocol, model in dict.fromkeys((p, m) for p, m, _, _ in groups):
@@ -555,6 +576,9 @@ def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
                            if (p, mo, m) == (protocol, model, method))
             if method == "bp":
                 ax.axhline(cells[0][1][0], color="black", label="bp (ours)")
+                pub_bp = published_acc(model, "bp", 1)
+                if pub_bp is not None:
+                    ax.axhline(pub_bp, color="black", ls="--", alpha=0.6, label="bp (InfoPro T2)")
                 continue
             line = ax.errorbar([k for k, _ in cells], [ms[0] for _, ms in cells],
                                yerr=[ms[1] for _, ms in cells], marker="o", capsize=3, label=method)
@@ -565,6 +589,7 @@ def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         ax.set(xscale="log", xlabel="K (stages)", ylabel="test accuracy (%)",
                title=f"{model}, protocol {protocol}")
         ax.set_xticks([2, 4, 8, 16], ["2", "4", "8", "16"])
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
