@@ -13,7 +13,9 @@ of stage k's loss passes through it to h_k, never into it). After every optimize
 
     p_ema <- m * p_ema + (1 - m) * p          (floating-point parameters and buffers)
 
-integer buffers (BatchNorm's batch counter) are copied. The scale (gamma, ones) and bias
+integer buffers (BatchNorm's batch counter) are copied. In training the copy's BatchNorm
+normalises with batch statistics; its running statistics see stage k's batches, then
+the EMA pulls them towards stage k+1's. The scale (gamma, ones) and bias
 (beta, zeros) act on channels: dim 0 of a (C, H, W) map, the last dim otherwise. Tuple
 activations (text) are not supported. The last stage has no next stage and is unchanged.
 
