@@ -9,6 +9,7 @@ from locallearn.models import (  # noqa: F401  (importing registers them)
     resnet,
     text,  # noqa: F401
     vgg,
+    vit,
 )
 from locallearn.models.blocks import MODELS, Backbone, build_model, register_model
 
