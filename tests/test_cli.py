@@ -143,3 +143,65 @@ def test_list_and_split(capsys):
     assert main(["split", "--model", "resnet32", "--k", "4", "--by", "memory", "--batch", "2"]) == 0
     out = capsys.readouterr().out
     assert out.count("\n| ") >= 5 and "saved act MiB" in out and "MMACs" in out
+
+
+def test_overrides_may_follow_the_data_dir_option(tiny_cfg, tmp_path, capsys):
+    assert main(["train", *tiny_cfg[:3], "--data-dir", str(tmp_path), *tiny_cfg[3:],
+                 "train.epochs=1", "train.name=mixed"]) == 0
+    assert [r["epoch"] for r in runs.read_metrics(tmp_path / "mixed")] == [1]
+
+
+def test_an_image_model_on_text_data_says_so(tiny_cfg, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LOCALLEARN_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "tab").mkdir()
+    for split in ("train", "test"):
+        (tmp_path / "tab" / f"{split}.csv").write_text(
+            "".join(f"{'ab'[i % 2]},some words {i}\n" for i in range(20)))
+    code = main(["train", *tiny_cfg, "model=resnet20", "data=csv", f"data.data_dir={tmp_path}",
+                 "data.options={path: tab}", "split.k=2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert "model 'resnet20' takes images" in err and "text or tabular" in err, err
+
+
+def test_a_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name: mlp\n  options: {hidden: [3, 4}\n")
+    assert main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{bad} is not valid YAML: line 3, column" in err, err
+
+
+def test_an_internal_error_keeps_its_traceback(monkeypatch):
+    import locallearn.cli as cli
+
+    def bug(args):
+        raise ValueError("an internal bug, not the user's mistake")
+
+    monkeypatch.setattr(cli, "_cmd_list", bug)
+    with pytest.raises(ValueError, match="internal bug"):
+        main(["list"])
+
+
+def test_split_shows_the_same_stage_macs_in_both_tables_and_mlp_head_macs(capsys):
+    assert main(["split", "--model", "mlp", "--input-shape", "1,8,8", "--k", "2",
+                 "--head", "mlp"]) == 0
+    tables = [t for t in capsys.readouterr().out.split("\n\n")]
+    stage_rows = [r.split("|") for r in tables[0].splitlines() if r.startswith("| ") and
+                  r[2].isdigit()]
+    node_rows = [r.split("|") for r in tables[1].splitlines() if r.startswith("| ") and
+                 r[2].isdigit()]
+    assert [r[5].strip() for r in stage_rows] == [r[3].strip() for r in node_rows]
+    assert float(node_rows[0][4]) > 0  # the auxiliary mlp head of stage 1 (not 0.00)
+
+
+def test_eval_reads_test_batches_without_building_a_trainer(tiny_cfg, tmp_path, monkeypatch,
+                                                            capsys):
+    assert main(["train", *tiny_cfg, "train.epochs=1", "train.name=e"]) == 0
+
+    def no_trainer(*args, **kwargs):
+        raise AssertionError("eval built a Trainer")
+
+    monkeypatch.setattr(Trainer, "__init__", no_trainer)
+    assert main(["eval", str(tmp_path / "e")]) == 0
+    assert "final " in capsys.readouterr().out

@@ -18,15 +18,27 @@ MODELS: dict[str, str] = {  # locallearn.models.MODELS
     "resnet56": "CIFAR ResNet-56 (He et al. 2016): stem + 27 basic blocks, 16/32/64 channels",
     "transformer": "Transformer encoder text classifier: embedding + one block per encoder layer",
     "vgg11": "VGG-11 with BatchNorm: 8 conv blocks + linear head",
+    "vgg11b": "VGG11B (Nøkland & Eidnes 2019): 9 conv blocks + an FC-1024 block",
     "vgg6a": "VGG6a (Nøkland & Eidnes 2019): 4 conv blocks + FC-1024 head",
     "vgg8": "VGG8 of SCPL (VGG8b convs): 6 conv blocks + FC-2500 head",
+    "vgg8b": "VGG8B (Nøkland & Eidnes 2019): 6 conv blocks + an FC-1024 block",
+    "vit": "vision transformer: patch embedding + one block per encoder layer",
 }
 
 OBJECTIVES: dict[str, str] = {  # locallearn.objectives.OBJECTIVES
+    "auglocal": ("AugLocal: CE through fresh copies of uniformly picked later blocks (pyramidal "
+                 "depth), then the head"),
     "ce": "cross-entropy of an auxiliary classifier head (DGL / greedy local learning)",
-    "simclr": ("self-supervised NT-Xent (SimCLR) on two views, own projector per stage; "
-               "no labels (evaluate with `locallearn probe`)"),
-    "supcon": "supervised contrastive loss on a projector (SCPL); the last stage adds a CE classifier",
+    "infopro": ("InfoPro: reconstruction of the input + CE (variant=softmax) or SupCon "
+                "(variant=contrast), weighted per stage"),
+    "pred": "PredSim's prediction loss alone: CE of a linear classifier on pooled features",
+    "predsim": ("PredSim: (1-beta) CE of a linear classifier on pooled features + beta "
+                "similarity-matrix matching (beta=0.99)"),
+    "sim": "PredSim's similarity-matching loss alone (the stage does not predict)",
+    "simclr": ("self-supervised NT-Xent (SimCLR) on two views, own projector per stage; no "
+               "labels (evaluate with `locallearn probe`)"),
+    "supcon": ("supervised contrastive loss on a projector (SCPL); the last stage adds a CE "
+               "classifier"),
 }
 
 HEADS: dict[str, str] = {  # locallearn.objectives.heads.HEAD_KINDS
@@ -38,7 +50,8 @@ HEADS: dict[str, str] = {  # locallearn.objectives.heads.HEAD_KINDS
 }
 
 ENGINES: dict[str, str] = {  # locallearn.engines.ENGINES
-    "backprop": "end-to-end backpropagation with only the task loss (aux heads on detached features)",
+    "backprop": ("end-to-end backpropagation with only the task loss (aux heads on detached "
+                 "features)"),
     "local": "sequential local training: each stage updates from its own loss on a detached input",
     "multiexit": "early-exit network: BP of the sum of every stage's loss into the trunk",
     "pipeline": "stages in separate processes, activations sent forward with torch.distributed",

@@ -25,7 +25,7 @@ from locallearn.report import compare_table, fmt, mib, table
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from locallearn.train import run
+    from locallearn.run import run
 
     overrides = list(args.overrides)
     if args.data_dir:
@@ -53,7 +53,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from locallearn.config import from_dict
     from locallearn.evaluate import evaluate
-    from locallearn.train import build_data, build_net
+    from locallearn.build import build_data, build_net
 
     state = runs.load_checkpoint(args.run)
     overrides = [f"data.data_dir={args.data_dir}"] if args.data_dir else []
@@ -156,7 +156,7 @@ def _cmd_split(args: argparse.Namespace) -> int:
         body = torch.nn.Sequential(*backbone.blocks[r.start:r.stop])
         x = torch.randn(args.batch, *backbone.shapes[r.start])
         with SavedTensorsMeter(body) as meter:
-            body(x.requires_grad_()).sum().backward()
+            body(x.clone().requires_grad_()).sum().backward()
         rows.append([i + 1, f"{r.start}-{r.stop - 1}", param_count(body), mib(meter.peak_bytes),
                      macs(lambda: body(x)) / args.batch / 1e6, "x".join(map(str, backbone.shapes[r.stop]))])
     print(f"{args.model}, K={args.k}, split by {args.by}, cuts {cuts}, batch {args.batch}")
@@ -209,7 +209,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from locallearn.train import run
+    from locallearn.run import run
 
     summaries = []
     for engine, k in (("backprop", 4), ("local", 4)):
