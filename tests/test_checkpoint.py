@@ -64,3 +64,12 @@ def test_checkpointed_training_matches_plain_training_over_steps():
             BackpropEngine(checkpoint=mode).step(net, opts, x, y)
     for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_the_preset_trains_for_an_epoch(tmp_path):
+    import math
+
+    from presets import run_preset
+
+    summary = run_preset("bp_resnet32_checkpoint", tmp_path, "model.options={width: 0.25}")
+    assert summary["engine"] == "backprop" and math.isfinite(summary["final_acc"])
