@@ -205,3 +205,18 @@ def test_eval_reads_test_batches_without_building_a_trainer(tiny_cfg, tmp_path, 
     monkeypatch.setattr(Trainer, "__init__", no_trainer)
     assert main(["eval", str(tmp_path / "e")]) == 0
     assert "final " in capsys.readouterr().out
+
+
+def test_eval_of_a_run_whose_data_moved_points_at_the_data_dir_option(tmp_path, capsys):
+    from locallearn.config import to_dict
+
+    cfg = load_config(None, ["data=cifar10", f"data.data_dir={tmp_path / 'gone'}"])
+    runs.save_checkpoint(tmp_path / "run" / runs.CHECKPOINT, {"net": {}, "config": to_dict(cfg)})
+    assert main(["eval", str(tmp_path / "run")]) == 2
+    assert "pass --data-dir" in capsys.readouterr().err
+
+
+def test_an_unknown_model_says_workers_rebuild_models_by_name(tiny_cfg, capsys):
+    assert main(["train", *tiny_cfg, "model=mymodel"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'mymodel'" in err and "rebuild models by name" in err

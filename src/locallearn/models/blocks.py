@@ -114,7 +114,9 @@ def build_model(name: str, input_shape: tuple[int, ...] = (3, 32, 32), num_class
     from locallearn import models as _  # noqa: F401  (importing registers the builders)
 
     if name not in MODELS:
-        raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
+        raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))} "
+                          "(pipeline workers rebuild models by name: register your own at "
+                          "module level of an importable module, not under __main__)")
     fn, _help = MODELS[name]
     if "vocab_size" in options and "vocab_size" not in inspect.signature(fn).parameters:
         raise ConfigError(f"model {name!r} takes images, but the data is text or tabular (token "
