@@ -40,8 +40,7 @@ def test_checkpointed_bp_gives_exactly_the_gradients_of_plain_bp_with_fewer_save
     assert ga.keys() == gb.keys() and len(ga) > 10
     for name in ga:
         assert torch.equal(ga[name], gb[name]), name
-    assert engine.kept_bytes > 0  # the checkpoints' inputs, which the meter cannot see
-    assert mb.peak_bytes + engine.kept_bytes < ma.peak_bytes
+    assert mb.peak_bytes < ma.peak_bytes  # the kept inputs count; the recomputation is not seen
     for a, b in zip(plain.buffers(), ckpt.buffers()):  # BatchNorm statistics updated once
         assert torch.equal(a, b)
 

@@ -14,9 +14,9 @@ mode, so BatchNorm running statistics are frozen during it (momentum 0, counter
 restored): they are updated once per step, as without checkpointing. Dropout sees the
 same random numbers both times (the checkpoint restores the RNG state).
 
-The checkpoints hold their inputs outside the autograd graph, where a saved-tensors meter
-(:class:`locallearn.measure.SavedTensorsMeter`) does not see them: :attr:`BackpropEngine.kept_bytes`
-counts them for the last step, so memory reports add it to the meter's peak.
+Measuring: a saved-tensors meter (:class:`locallearn.measure.SavedTensorsMeter`) sees the
+inputs a checkpoint keeps, but not the recomputation in backward (the checkpoint's own
+hooks take those tensors), so the true peak is the meter's plus one segment's activations.
 """
 
 from __future__ import annotations
@@ -69,12 +69,6 @@ def checkpointed(module: nn.Module, fn: Callable[..., Any], *args: Any) -> Any:
     return checkpoint(run, *args, use_reentrant=False)
 
 
-def _nbytes(h: Activation) -> int:
-    """Bytes of the tensors of an activation."""
-    tensors = h if isinstance(h, tuple) else (h,)
-    return sum(t.nelement() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-
 class BackpropEngine(InProcess):
     """End-to-end BP (``engine: backprop``).
 
@@ -97,7 +91,6 @@ class BackpropEngine(InProcess):
                              f"{', '.join(CHECKPOINT_MODES)}")
         self.aux_heads = aux_heads
         self.checkpoint = checkpoint
-        self.kept_bytes = 0  # inputs held by the checkpoints in the last step
 
     def trains(self, k: int, net: LocalNet) -> bool:
         return self.aux_heads or k == net.k - 1
@@ -107,12 +100,10 @@ class BackpropEngine(InProcess):
         if self.checkpoint == "none" or not torch.is_grad_enabled():
             return stage(h, trail)
         if self.checkpoint == "stages":
-            self.kept_bytes += _nbytes(h)
             return checkpointed(stage, stage, h, trail)
         if stage.context is not None:  # context encoders and taps: cheap, not checkpointed
             h = stage.context(h, trail)
         for block in stage.body:
-            self.kept_bytes += _nbytes(h)
             h = checkpointed(block, block, h)
         return h
 
@@ -123,7 +114,6 @@ class BackpropEngine(InProcess):
         outs: list[Activation] = []
         trail: list[Activation] = []
         h = x
-        self.kept_bytes = 0
         with u.autocast():
             for stage in net.stages:
                 trail.append(h)
