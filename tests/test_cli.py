@@ -11,6 +11,8 @@ from locallearn.cli import main
 from locallearn.config import load_config
 from locallearn.train import Trainer, TrainingError, run
 
+Loop = Trainer.__mro__[-2]  # the training loop's own class, below the run's Trainer
+
 
 def _only_run(out: Path) -> Path:
     (d,) = [p for p in out.iterdir() if p.is_dir()]
@@ -39,19 +41,20 @@ def test_train_writes_a_complete_run_folder(tiny_cfg, tmp_path, capsys):
 def test_resume_reaches_the_same_parameters(tiny_cfg, tmp_path, monkeypatch):
     cfg = tiny_cfg + ["train.epochs=3", "data.augment=basic"]
     full, full_dir = run(load_config(None, cfg + ["train.name=full"]))
-    original = Trainer.train_epoch
+    original = Loop.train_epoch
 
     def crash_in_epoch_2(self):
         if self.epoch == 1:
             raise KeyboardInterrupt("simulated crash")
         return original(self)
 
-    monkeypatch.setattr(Trainer, "train_epoch", crash_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(Loop, "train_epoch", crash_in_epoch_2)
+    with pytest.raises((KeyboardInterrupt, runs.RunError)):  # RunError: "stopped by the user"
         run(load_config(None, cfg + ["train.name=part"]))
-    monkeypatch.setattr(Trainer, "train_epoch", original)
-    resumed, part_dir = run(load_config(None, tiny_cfg + ["train.epochs=3"]),
-                            resume=tmp_path / "part")
+    monkeypatch.setattr(Loop, "train_epoch", original)
+    saved, changes = runs.resume_config(tmp_path / "part", [])  # as `train --resume` does
+    assert changes == [] and saved.data.augment == "basic"
+    resumed, part_dir = run(saved, resume=tmp_path / "part")
     a = runs.load_checkpoint(full_dir)["net"]
     b = runs.load_checkpoint(part_dir)["net"]
     for key in a:
@@ -61,7 +64,7 @@ def test_resume_reaches_the_same_parameters(tiny_cfg, tmp_path, monkeypatch):
 
 
 def test_nan_loss_stops_with_stage_and_epoch_and_keeps_checkpoint(tiny_cfg, tmp_path, monkeypatch):
-    original = Trainer.train_batches
+    original = Loop.train_batches
     saved = {}
 
     def nan_in_epoch_2(self):
@@ -70,7 +73,7 @@ def test_nan_loss_stops_with_stage_and_epoch_and_keeps_checkpoint(tiny_cfg, tmp_
             return ((x * float("nan"), y) for x, y in original(self))
         return original(self)
 
-    monkeypatch.setattr(Trainer, "train_batches", nan_in_epoch_2)
+    monkeypatch.setattr(Loop, "train_batches", nan_in_epoch_2)
     with pytest.raises(TrainingError, match=r"stage 1 became nan in epoch 2"):
         run(load_config(None, tiny_cfg + ["train.epochs=3", "train.name=nan"]))
     assert (tmp_path / "nan" / "checkpoint.pt").read_bytes() == saved["good"]

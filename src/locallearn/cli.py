@@ -10,6 +10,7 @@ status 2; any other exception is a bug and keeps its traceback. ``--help``, ``li
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -43,7 +44,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             logger.info("resume: %s", change)
     else:
         cfg = load_config(config, overrides)
-    summary, run_dir = run(cfg, resume=args.resume)
+    # absolute, so that eval, probe and --resume from another folder find the same data
+    summary, run_dir = run(runs.with_absolute_data_dir(cfg), resume=args.resume)
     if summary:  # empty on pipeline workers other than rank 0 (under torchrun)
         print(compare_table([summary]))
         print(f"run folder: {run_dir}")
@@ -61,8 +63,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     data = build_data(cfg)
     net = build_net(cfg, data)
     net.load_state_dict(state["net"])
-    test_batches = _test_batches(cfg, data)
-    net.to(test_batches.device)
+    test_batches, device = _test_batches(cfg, data)
+    net.to(device)
     result = evaluate(net, test_batches())
     print(table(["stage", "test acc %"], [[k + 1, a] for k, a in enumerate(result["stage_acc"])]))
     print(f"final {fmt(result['final_acc'])} %  ensemble uniform {fmt(result['ens_uniform'])} %"
@@ -72,28 +74,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-class _TestBatches:
-    """The test split as the run's trainer batched it; a callable, one pass per call."""
+def _test_batches(cfg: Any, data: Any) -> tuple[Callable[[], Any], Any]:
+    """The test split batched as the run's trainer did (a fresh pass per call) and its
+    device: ``eval`` needs the data alone, not a trainer with its optimizers."""
+    import torch
 
-    def __init__(self, cfg: Any, data: Any) -> None:
-        import torch
+    from locallearn.data import batches
 
-        wanted = cfg.engine.device
-        self.device = torch.device(wanted if torch.cuda.is_available() or "cuda" not in wanted
-                                   else "cpu")
-        self.cfg, self.data = cfg, data
-
-    def __call__(self) -> Any:
-        from locallearn.data import batches
-
-        return batches(self.data.test, max(256, self.cfg.data.batch_size), shuffle=False,
-                       generator=None, device=self.device, mean=self.data.meta.get("mean"),
-                       std=self.data.meta.get("std"))
-
-
-def _test_batches(cfg: Any, data: Any) -> _TestBatches:
-    """Test batches for ``eval``: the data alone, no trainer or optimizers built."""
-    return _TestBatches(cfg, data)
+    wanted = cfg.engine.device  # a CUDA run is evaluated on the CPU where there is no GPU
+    device = torch.device(wanted if "cuda" not in wanted or torch.cuda.is_available() else "cpu")
+    return functools.partial(batches, data.test, max(256, cfg.data.batch_size), shuffle=False,
+                             generator=None, device=device, mean=data.meta.get("mean"),
+                             std=data.meta.get("std")), device
 
 
 def _eval_exits(args: argparse.Namespace, net: Any, test_batches: Callable[[], Any]) -> None:
@@ -195,9 +187,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     summaries = []
     for path in args.runs:
-        if not Path(path).is_dir():
-            raise runs.RunError(f"{path} is not a run folder")
-        if not runs.is_finished(path):  # failed, still running, or stopped before its end
+        if not runs.is_finished(path):  # failed, still running, or not a run folder
             print(f"locallearn compare: skipping {path}: no summary.json (not a finished run)",
                   file=sys.stderr)
             continue

@@ -41,7 +41,6 @@ def setup(level: int = logging.INFO) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.setLevel(level)
-    logger.propagate = False  # a root handler set by someone else would print it twice
 
 
 def _num(v: Any, digits: int) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import fcntl
 import json
 import logging
@@ -82,9 +83,19 @@ def write_json(path: Path, data: Any) -> None:
 def _readable(path: str | Path) -> None:
     """Give ``path`` the mode a plain ``open()`` would (0666 less the umask): mkstemp makes
     files 0600, which would hide a run's files from the other users of a shared machine."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (os.umask sets
+    it, which would briefly change it for every thread of the process)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: Path, payload: bytes) -> None:
@@ -108,6 +119,12 @@ def save_config(run_dir: Path, cfg: RunConfig) -> None:
     data = to_dict(cfg)
     data["data"]["data_dir"] = absolute_data_dir(cfg.data.data_dir)
     atomic_write(run_dir / "config.yaml", yaml.safe_dump(data, sort_keys=False).encode())
+
+
+def with_absolute_data_dir(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``data.data_dir`` made absolute (see :func:`absolute_data_dir`)."""
+    data = dataclasses.replace(cfg.data, data_dir=absolute_data_dir(cfg.data.data_dir))
+    return dataclasses.replace(cfg, data=data)
 
 
 def absolute_data_dir(data_dir: str | None) -> str:
