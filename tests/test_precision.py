@@ -290,3 +290,38 @@ def test_fp16_end_to_end_backward_steps_every_optimizer_with_its_scaler():
     torch.testing.assert_close(a.weight, ref_a.weight)  # unscaled exactly (powers of two)
     torch.testing.assert_close(b.weight, ref_b.weight)
     assert set(update.state_dict()) == {1}
+
+
+# -- the hot loop: losses and times read once, data placed once ------------------------------
+
+def test_losses_sum_on_their_device_and_are_read_once_per_interval():
+    from locallearn.measure import LossTally
+
+    tally = LossTally(3)
+    for v in (1.0, 2.0, 6.0):
+        tally.add(0, torch.tensor(v))
+    tally.add(2, torch.tensor(0.5, dtype=torch.bfloat16))
+    assert tally.read() == pytest.approx([3.0, float("nan"), 0.5], nan_ok=True)
+    assert all(v != v for v in tally.read())  # read starts afresh
+
+
+def test_the_stage_clock_sums_the_time_of_each_stage_on_the_cpu():
+    from locallearn.measure import StageClock
+
+    clock = StageClock("cpu")
+    for k in (0, 1, 1):
+        with clock.time(k):
+            torch.randn(64, 64) @ torch.randn(64, 64)
+    seconds = clock.seconds()
+    assert set(seconds) == {0, 1} and all(s > 0 for s in seconds.values())
+    clock.reset()
+    assert clock.seconds() == {}
+
+
+def test_data_stay_on_the_host_for_a_cpu_device_and_bad_values_are_refused():
+    from locallearn.data.core import load_data, place_data
+
+    data = load_data("digits")
+    assert place_data(data, "cpu", "true") is data and place_data(data, "cpu", "auto") is data
+    with pytest.raises(ValueError, match="data.on_device"):
+        place_data(data, "cpu", "sometimes")

@@ -129,3 +129,100 @@ class Timer:
     @property
     def rate(self) -> float:
         return self.samples / max(self.seconds, 1e-9)
+
+
+class StageClock:
+    """Compute time per stage without a host-device sync on the hot path.
+
+    On CUDA every timed region records a start and an end event on the current
+    stream (no ``synchronize``); :meth:`seconds` waits once for the last event and sums
+    the event pairs. On other devices it is ``time.perf_counter`` (the work is done
+    when the region ends).
+
+    Example:
+        >>> clock = StageClock("cpu")
+        >>> with clock.time(0):
+        ...     pass
+        >>> clock.seconds()[0] >= 0
+        True
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self._host: dict[int, float] = {}
+        self._events: dict[int, list[tuple[Any, Any]]] = {}
+
+    def time(self, k: int) -> Any:
+        """A context manager timing one region of stage ``k``."""
+        return _Region(self, k)
+
+    def _start(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _stop(self, k: int, start: Any) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.setdefault(k, []).append((start, end))
+        else:
+            self._host[k] = self._host.get(k, 0.0) + time.perf_counter() - start
+
+    def seconds(self) -> dict[int, float]:
+        """Seconds per stage so far (one sync on CUDA, here and only here)."""
+        out = dict(self._host)
+        if self._events:
+            torch.cuda.synchronize()
+            for k, pairs in self._events.items():
+                out[k] = out.get(k, 0.0) + sum(a.elapsed_time(b) for a, b in pairs) / 1000.0
+        return out
+
+    def reset(self) -> None:
+        self._host.clear()
+        self._events.clear()
+
+
+class _Region:
+    __slots__ = ("clock", "k", "start")
+
+    def __init__(self, clock: StageClock, k: int) -> None:
+        self.clock, self.k = clock, k
+
+    def __enter__(self) -> None:
+        self.start = self.clock._start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.clock._stop(self.k, self.start)
+
+
+class LossTally:
+    """Per-stage losses summed on their device and read once per log interval.
+
+    ``add(k, loss)`` keeps a detached running sum (no ``.item()``, so no sync per
+    step); :meth:`read` moves the sums to the host in one transfer and starts afresh.
+    """
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self._sums: dict[int, torch.Tensor] = {}
+        self._counts = [0] * k
+
+    def add(self, k: int, loss: torch.Tensor) -> None:
+        value = loss.detach().float()
+        self._sums[k] = self._sums[k] + value if k in self._sums else value
+        self._counts[k] += 1
+
+    def read(self) -> list[float]:
+        """The mean loss of every stage since the last read (NaN where none)."""
+        out = [float("nan")] * self.k
+        if self._sums:
+            keys = sorted(self._sums)
+            values = torch.stack([self._sums[k] for k in keys]).cpu().tolist()
+            for k, v in zip(keys, values):
+                out[k] = v / self._counts[k]
+        self._sums.clear()
+        self._counts = [0] * self.k
+        return out

@@ -279,10 +279,16 @@ def batches(
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     stop = n - n % batch_size if drop_last else n
     norm = _norm_tensors(mean, std, data.x.shape[1], device) if images and mean is not None else None
+    # Host data for a CUDA device: gather the batch into pinned memory so the copy runs
+    # asynchronously (the host allocator keeps the buffer until the copy is done).
+    pin = torch.device(device).type == "cuda" and data.x.device.type == "cpu"
     for start in range(0, stop, batch_size):
         idx = order[start : start + batch_size].to(data.x.device)
-        x = data.x[idx].to(device, non_blocking=True)
-        y = data.y[idx].to(device, non_blocking=True)
+        x, y = data.x[idx], data.y[idx]
+        if pin:
+            x, y = x.pin_memory(), y.pin_memory()
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
         if images:
             x = x.to(torch.float32).div_(255.0)
             if augment is not None:
@@ -290,6 +296,38 @@ def batches(
             if norm is not None:
                 x = (x - norm[0]) / norm[1]
         yield x, y
+
+
+def fits_on_device(splits: DataSplits, device: torch.device | str, share: float = 0.25) -> bool:
+    """True if both splits take at most ``share`` of ``device``'s free memory (CUDA only)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    size = sum(t.nbytes for part in (splits.train, splits.test) for t in (part.x, part.y))
+    return size <= share * free
+
+
+def place_data(splits: DataSplits, device: torch.device | str, on_device: str = "auto") -> DataSplits:
+    """The splits held on ``device`` (``data.on_device``), or unchanged on the host.
+
+    ``true`` moves them, ``auto`` moves them to a CUDA device where they fit
+    (:func:`fits_on_device`), ``false`` keeps them on the host, from where
+    :func:`batches` copies each batch through pinned memory. On a CPU device the data
+    are already where they train.
+
+    Raises:
+        ValueError: for another value of ``on_device``.
+    """
+    if on_device not in ("auto", "true", "false"):
+        raise ValueError(f"data.on_device={on_device!r} is not allowed; choose auto, true or false")
+    device = torch.device(device)
+    move = on_device == "true" or (on_device == "auto" and fits_on_device(splits, device))
+    if not move or device.type == "cpu":
+        return splits
+    return DataSplits(splits.name, *(ArrayData(part.x.to(device), part.y.to(device),
+                                                list(part.classes))
+                                     for part in (splits.train, splits.test)), dict(splits.meta))
 
 
 def _norm_tensors(
