@@ -223,3 +223,12 @@ def test_an_unknown_model_says_workers_rebuild_models_by_name(tiny_cfg, capsys):
     assert main(["train", *tiny_cfg, "model=mymodel"]) == 2
     err = capsys.readouterr().err
     assert "unknown model 'mymodel'" in err and "rebuild models by name" in err
+
+
+def test_a_relative_data_dir_is_saved_absolute_in_config_and_checkpoint(tiny_cfg, tmp_path,
+                                                                        monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *tiny_cfg, "train.epochs=1", "train.name=a", "--data-dir", "rel"]) == 0
+    want = str(tmp_path / "rel")
+    assert runs.load_run_config(tmp_path / "a").data.data_dir == want
+    assert runs.load_checkpoint(tmp_path / "a")["config"]["data"]["data_dir"] == want

@@ -25,3 +25,10 @@ def test_setup_adds_one_handler_however_often_it_is_called(capsys):
     log.logger.info("hello %s", "there")
     assert capsys.readouterr().err == "hello there\n"
     log.logger.setLevel(logging.NOTSET)
+
+
+def test_records_still_reach_other_handlers_after_setup(caplog):
+    log.setup()
+    with caplog.at_level(logging.INFO, logger="locallearn"):
+        log.logger.info("seen by pytest too")
+    assert "seen by pytest too" in caplog.text
