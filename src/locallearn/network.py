@@ -21,10 +21,10 @@ from locallearn.models.blocks import Activation, Backbone, infer_shapes
 from locallearn.objectives.base import Objective, build_objective
 from locallearn.objectives.groups import build_group_objective
 from locallearn.objectives.reconstruct import ReconstructObjective, reconstruct_weights
-from locallearn.split import stage_ranges
+from locallearn.split import StageRange, stage_ranges
 
 
-def _stage_place(backbone: Backbone, ranges: Sequence[range], i: int) -> dict[str, Any]:
+def _stage_place(backbone: Backbone, ranges: Sequence[StageRange], i: int) -> dict[str, Any]:
     """Where stage ``i`` sits, for objectives that look beyond it (``objectives.base.STAGE_KEYS``).
 
     ``later_blocks`` lists ``(block, input shape)`` of every block after the stage; an
@@ -120,7 +120,7 @@ class LocalNet(nn.Module):
         for stage, after in zip(self.stages[:-1], self.stages[1:]):
             update = getattr(stage.objective, "update_momentum", None)
             if update is not None:
-                update(after.body[0])
+                update(next(iter(after.body.children())))
 
     def forward(self, x: Activation) -> torch.Tensor:
         trail: list[Activation] = []

@@ -103,7 +103,7 @@ class BackpropEngine(InProcess):
             return checkpointed(stage, stage, h, trail)
         if stage.context is not None:  # context encoders and taps: cheap, not checkpointed
             h = stage.context(h, trail)
-        for block in stage.body:
+        for block in stage.body.children():
             h = checkpointed(block, block, h)
         return h
 

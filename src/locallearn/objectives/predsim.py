@@ -85,12 +85,12 @@ class PredSimObjective(Objective):
 
     def loss(self, h: Activation, y: torch.Tensor) -> torch.Tensor:
         assert isinstance(h, torch.Tensor), "predsim needs tensor activations"
-        h = self.drop(h)
-        total = h.new_zeros(())
+        z = self.drop(h)
+        total = z.new_zeros(())
         if self.classifier is not None:
-            total = total + (1 - self.beta) * F.cross_entropy(self.classifier(h), y)
+            total = total + (1 - self.beta) * F.cross_entropy(self.classifier(z), y)
         if self.beta > 0:
-            total = total + self.beta * sim_loss(self.sim_conv(h), y, self.num_classes)
+            total = total + self.beta * sim_loss(self.sim_conv(z), y, self.num_classes)
         return total
 
     def predict(self, h: Activation) -> torch.Tensor | None:
