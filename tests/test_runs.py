@@ -263,3 +263,11 @@ def test_resume_without_epochs_continues_to_the_configured_epochs(tiny_cfg, tmp_
     assert main(["train", "--resume", str(run_dir), "train.epochs=5"]) == 0
     assert [r["epoch"] for r in runs.read_metrics(run_dir)] == [1, 2, 3, 4, 5]
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 5
+
+
+def test_a_train_command_that_fails_at_start_leaves_no_run_folder(tiny_cfg, tmp_path):
+    proc = _python("from locallearn.cli import main; import sys; sys.exit(main(sys.argv[1:]))",
+                   "train", *tiny_cfg, "data=cifar10", f"data.data_dir={tmp_path / 'none'}")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "cifar10 not found" in err, err
+    assert [p.name for p in tmp_path.iterdir()] == []
