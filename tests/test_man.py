@@ -94,3 +94,15 @@ def test_the_trainer_moves_the_ema_after_every_step(tmp_path):
     moved = any(not torch.equal(a, b) for a, b in zip(before, net.stages[0].objective.ema.parameters()))
     if not moved:
         pytest.xfail("the training loop does not call LocalNet.update_momentum() yet")
+
+
+def test_man_composes_with_infopro_whose_decoder_still_receives_the_input():
+    torch.manual_seed(0)
+    net = LocalNet.from_backbone(build_model("resnet20", (3, 8, 8), 10, width=0.25), 3,
+                                 objective="infopro", head="1c2f",
+                                 objective_options={"momentum_aux": 0.9})
+    x = torch.randn(4, 3, 8, 8)
+    opts = [torch.optim.SGD(s.parameters(), lr=0.1) for s in net.stages]
+    losses = LocalEngine().step(net, opts, x, torch.arange(4))
+    assert all(math.isfinite(v) for v in losses)
+    assert torch.equal(net.stages[0].objective.inner._target, x)

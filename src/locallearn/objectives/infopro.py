@@ -85,7 +85,8 @@ def infopro_objective(in_shape: tuple[int, ...], num_classes: int, *, head: str 
         num_classes: number of classes.
         head: classifier head kind (softmax variant and the last stage).
         last: whether this is the last stage.
-        stage, num_stages, image_shape: passed by :meth:`LocalNet.from_backbone`.
+        stage, num_stages, image_shape: passed by :meth:`LocalNet.from_backbone`; without
+            ``image_shape`` the objective has no reconstruction term.
         variant: ``softmax`` or ``contrast``.
         recon_weights, task_weights: lambda1 and lambda2 (see the module doc).
         decoder_hidden: channels of the decoder's hidden conv.
@@ -94,16 +95,13 @@ def infopro_objective(in_shape: tuple[int, ...], num_classes: int, *, head: str 
         **head_options: classifier head options (e.g. ``hidden``).
 
     Raises:
-        ValueError: for an unknown variant, bad weights, or no image shape.
+        ValueError: for an unknown variant or bad weights.
     """
     if variant not in VARIANTS:
         raise ValueError(f"objective.options.variant={variant!r}; choose one of: {', '.join(VARIANTS)}")
     if last:
         return HeadCE(build_head(head, in_shape, num_classes, pool=pool, **head_options))
-    if not image_shape:
-        raise ValueError("infopro reconstructs the network input: build it with "
-                         "LocalNet.from_backbone (which passes image_shape)")
-    local = num_stages - 1
+    local = max(num_stages - 1, 1)
     lam_recon = stage_weight(recon_weights, stage, local, "recon_weights")
     lam_task = stage_weight(task_weights, stage, local, "task_weights")
     task: Objective
@@ -112,5 +110,7 @@ def infopro_objective(in_shape: tuple[int, ...], num_classes: int, *, head: str 
     else:
         task = supcon_objective(in_shape, num_classes, temperature=temperature, proj_dim=proj_dim,
                                 proj_hidden=proj_hidden, classifier="none", pool=pool)
+    if not image_shape:  # built outside LocalNet.from_backbone (e.g. to time heads): no decoder
+        return Weighted(task, lam_task)
     return ReconstructObjective(Weighted(task, lam_task), in_shape, tuple(image_shape), lam_recon,
                                 decoder_hidden)

@@ -57,6 +57,8 @@ class MomentumAux(Objective):
         self.scale = nn.Parameter(torch.ones(view))
         self.bias = nn.Parameter(torch.zeros(view))
         self.inner = inner
+        if hasattr(inner, "set_target"):  # a reconstruction term: the stage passes it x
+            self.set_target = inner.set_target
 
     def features(self, h: Activation) -> torch.Tensor:
         """The compensated output of the EMA block for a stage output ``h``."""
