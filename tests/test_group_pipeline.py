@@ -56,7 +56,7 @@ def run_ranks(nodes: list[list], data: list, test: list) -> tuple[list, list, li
                 out = engine.step(None, opts, x, y) if r == 0 else engine.step(None, opts)
                 losses[r] = out[k]
             states[r] = opts[k].state_dict()
-            engine.evaluate(SimpleNamespace(num_classes=10), tallies[r], test if r == 0 else None)
+            engine.evaluate_tally(SimpleNamespace(num_classes=10), tallies[r], test if r == 0 else None)
         except BaseException as e:  # re-raised by the test thread
             errors.append(e)
 

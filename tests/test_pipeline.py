@@ -243,8 +243,8 @@ def test_pipelined_evaluation_equals_evaluate():
     data = list(batches(3, (1, 8, 8), batch=9))
     engines = ranks(net, 2)
     tallies = [EvalTally(), EvalTally()]
-    engines[0].evaluate(net, tallies[0], data)
-    engines[1].evaluate(net, tallies[1])
+    engines[0].evaluate_tally(net, tallies[0], data)
+    engines[1].evaluate_tally(net, tallies[1])
     got = merge_tallies(tallies, net.k)
     want = evaluate(net, data)
     assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k]) for k in want)

@@ -24,7 +24,10 @@ if TYPE_CHECKING:  # the static view of the lazy names below
     from locallearn.evaluate import evaluate
     from locallearn.models import build_model
     from locallearn.network import LocalNet, Stage
-    from locallearn.train import Trainer, build_net, run
+    from locallearn.build import build_net
+    from locallearn.models import register_model
+    from locallearn.run import Trainer, run
+    from locallearn.types import Masked
 
 _HOME = {  # public name -> the module that defines it
     "RunConfig": "locallearn.config", "load_config": "locallearn.config",
@@ -32,12 +35,14 @@ _HOME = {  # public name -> the module that defines it
     "BackpropEngine": "locallearn.engines", "LocalEngine": "locallearn.engines",
     "build_engine": "locallearn.engines", "evaluate": "locallearn.evaluate",
     "build_model": "locallearn.models", "LocalNet": "locallearn.network",
-    "Stage": "locallearn.network", "Trainer": "locallearn.train",
-    "build_net": "locallearn.train", "run": "locallearn.train",
+    "Stage": "locallearn.network", "Trainer": "locallearn.run",
+    "build_net": "locallearn.build", "run": "locallearn.run", "Masked": "locallearn.types",
+    "register_model": "locallearn.models",
 }
 
-__all__ = ["BackpropEngine", "LocalEngine", "LocalNet", "RunConfig", "Stage", "Trainer",
-           "build_engine", "build_model", "build_net", "evaluate", "load_config", "load_data", "run"]
+__all__ = ["BackpropEngine", "LocalEngine", "LocalNet", "Masked", "RunConfig", "Stage", "Trainer",
+           "build_engine", "build_model", "build_net", "evaluate", "load_config", "load_data",
+           "register_model", "run"]
 __version__ = "0.1.0"
 
 

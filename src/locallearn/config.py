@@ -323,8 +323,14 @@ def yaml_problem(e: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark else str(what)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run file (optional), apply dotted overrides, validate.
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                **sections: Any) -> RunConfig:
+    """Read a YAML run file (optional), set sections from Python values, apply dotted
+    overrides, validate.
+
+    Example: ``load_config(engine="pipeline", train={"epochs": 5}, split={"k": 4})``; a
+    section given a plain value sets its ``name`` (``engine="pipeline"``), a dict sets the
+    keys it names over the file's.
 
     Raises:
         ConfigError: for a missing or malformed file, an unknown key or a bad value.
@@ -340,4 +346,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {p} is not valid YAML: {yaml_problem(e)}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections")
+    for section, value in sections.items():
+        given = value if isinstance(value, dict) else {"name": value}
+        current = data.get(section)
+        current = current if isinstance(current, dict) else (
+            {"name": current} if current is not None else {})
+        data[section] = {**current, **given}
     return from_dict(apply_overrides(data, overrides or []))

@@ -190,7 +190,7 @@ def probe_run(run: str | Path, *, data_dir: str | None = None, train_subset: int
     """
     from locallearn import runs
     from locallearn.config import apply_overrides, from_dict
-    from locallearn.train import build_data, build_net
+    from locallearn.build import build_data, build_net
 
     state = runs.load_checkpoint(run)
     overrides = [f"data.data_dir={data_dir}"] if data_dir else []

@@ -22,7 +22,7 @@ from locallearn import runs
 from locallearn.config import RunConfig
 from locallearn.distributed.comm import PeerError
 from locallearn.engines.pipeline import assign_stages
-from locallearn.train import TrainingError
+from locallearn.errors import TrainingError
 
 
 class PipelineError(TrainingError):

@@ -1,8 +1,9 @@
 """One worker of ``engine.placement=groups``: a (stage, group) node on its own rank.
 
-The run is that of :mod:`locallearn.distributed.worker` (rank 0 reads the data and
-writes the run folder, every epoch ends with an evaluation through the ranks and a
-checkpoint); what differs is what a rank trains and saves:
+The run is the one training loop (:class:`locallearn.loop.Trainer`: rank 0 reads the
+data and writes the run folder, every epoch ends with an evaluation through the ranks
+and a checkpoint); what differs is the :class:`GroupPlacement` handed to it, which says
+what a rank trains and saves:
 
 * rank ``k * G + g`` trains :class:`~locallearn.groups.GroupNode` g of stage k (its
   slice of every layer of the stage, and its own head) with the engine
@@ -16,20 +17,21 @@ checkpoint); what differs is what a rank trains and saves:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from locallearn.config import ConfigError, RunConfig, to_dict
+from locallearn.build import build_net
 from locallearn.data import DataSplits
 from locallearn.distributed.comm import Control
-from locallearn.distributed.worker import PipelineTrainer, Session, Setup, placeholder_data
+from locallearn.distributed.worker import Setup, placeholder_data
+from locallearn.engines.base import StageUpdate
 from locallearn.engines.group_pipeline import GroupPipelineEngine
-from locallearn.engines.pipeline import PipelineEngine
+from locallearn.errors import ConfigError, TrainingError
 from locallearn.groups import (
     GroupNode,
     merge_optimizer_states,
@@ -38,7 +40,9 @@ from locallearn.groups import (
     node_state_map,
     write_node_part,
 )
-from locallearn.train import Trainer, TrainingError, build_net
+from locallearn.loop import Placement, Trainer
+from locallearn.network import LocalNet
+from locallearn.precision import resolve_config
 
 
 def node_ranges(k: int, groups: int) -> list[range]:
@@ -46,76 +50,79 @@ def node_ranges(k: int, groups: int) -> list[range]:
     return [range(r // groups, r // groups + 1) for r in range(k * groups)]
 
 
-class GroupPipelineTrainer(PipelineTrainer):
-    """Trains one (stage, group) node; rank 0 also records the run (see the module doc)."""
+class GroupPlacement(Placement):
+    """Rank ``k * G + g`` owns node g of stage k; its shard is the node's own state.
 
-    engine: GroupPipelineEngine  # type: ignore[assignment]
+    Args:
+        node: this rank's node (it holds its own copies of its slices).
+        stage: its stage index k.
+        groups: G.
+        k: number of stages.
+    """
 
-    def __init__(self, net: Any, data: DataSplits, cfg: RunConfig, run_dir: Path,
-                 session: Session, engine: GroupPipelineEngine) -> None:
-        # duck-typed: a GroupPipelineEngine has the interface of PipelineEngine the trainer uses
-        super().__init__(net, data, cfg, run_dir, session, cast(PipelineEngine, engine))
-        k = engine.stage  # stage k's optimizer and schedule update this node, not the stage
-        self.optimizers[k] = self.build_optimizer(engine.node.parameters())
-        self.schedulers[k] = self.build_scheduler(self.optimizers[k])
+    def __init__(self, node: GroupNode, stage: int, groups: int, k: int) -> None:
+        super().__init__(range(stage, stage + 1), node_ranges(k, groups))
+        self.node, self.g, self.groups = node, node.g, groups
         self._layouts: dict[tuple[int, int], GroupNode] = {}
 
-    def place(self, net: Any) -> Any:
-        return net  # the node holds its own copies of its slices; the net stays on the CPU
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "group": self.g + 1}
 
-    def layout(self, k: int, g: int) -> GroupNode:
+    def place(self, net: LocalNet, device: torch.device) -> None:
+        """Nothing to move: the node holds its own copies; the net stays on the CPU."""
+
+    def parameters(self, net: LocalNet, k: int) -> Iterator[torch.nn.Parameter]:
+        """Stage k's optimizer updates this node on its rank (the rest of the net is idle)."""
+        return self.node.parameters() if k in self.stages else net.stages[k].parameters()
+
+    def layout(self, net: LocalNet, k: int, g: int) -> GroupNode:
         """A node (k, g) built from the whole network: where its state lives there."""
         if (k, g) not in self._layouts:
-            self._layouts[k, g] = GroupNode(self.net.stages[k], g)
+            self._layouts[k, g] = GroupNode(net.stages[k], g)
         return self._layouts[k, g]
 
-    def rank_place(self) -> dict[str, Any]:
-        return {"group": self.engine.g + 1}
+    def weights(self, net: LocalNet) -> dict[str, Any]:
+        return {"group": self.g,
+                "node": {n: t.detach().cpu() for n, t in self.node.state_dict().items()}}
 
-    # -- shards ------------------------------------------------------------------------
-    def own_weights(self) -> dict[str, Any]:
-        return {"group": self.engine.g,
-                "node": {n: t.detach().cpu() for n, t in self.engine.node.state_dict().items()}}
+    def fits(self, shard: dict[str, Any]) -> bool:
+        return super().fits(shard) and shard.get("group") == self.g
 
-    def shard_fits(self, shard: dict[str, Any]) -> bool:
-        return super().shard_fits(shard) and shard.get("group") == self.engine.g
-
-    def merged_state(self, shards: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    def merge(self, state: dict[str, Any], shards: Sequence[dict[str, Any]],
+              net: LocalNet) -> dict[str, Any]:
         """The single-process checkpoint: every node's slices written into the whole network."""
-        state = Trainer.state_dict(self)
-        net = {n: t.detach().cpu().clone() for n, t in state["net"].items()}
+        weights = {n: t.detach().cpu().clone() for n, t in state["net"].items()}
         parts: dict[int, list[tuple[GroupNode, dict[str, Any]]]] = {}
         for sh in shards:
             k, g = sh["stages"][0], sh["group"]
-            node = self.layout(k, g)
-            write_node_part(net, sh["node"], node_state_map(self.net.stages[k], node), f"stages.{k}.")
+            node = self.layout(net, k, g)
+            write_node_part(weights, sh["node"], node_state_map(net.stages[k], node), f"stages.{k}.")
             parts.setdefault(k, []).append((node, sh["optimizers"][0]))
             state["schedulers"][k] = sh["schedulers"][0]
         for k, pairs in parts.items():
-            state["optimizers"][k] = merge_optimizer_states(self.net.stages[k], pairs)
-        state["net"], state["config"] = net, to_dict(self.run_cfg)
+            state["optimizers"][k] = merge_optimizer_states(net.stages[k], pairs)
+        state["net"] = weights
         return state
 
-    def part_of(self, state: dict[str, Any], rank: int) -> dict[str, Any]:
-        k, g = divmod(rank, self.run_cfg.split.groups)
-        stage, node = self.net.stages[k], self.layout(k, g)
+    def part_of(self, state: dict[str, Any], rank: int, net: LocalNet) -> dict[str, Any]:
+        k, g = divmod(rank, self.groups)
+        stage, node = net.stages[k], self.layout(net, k, g)
         return {"node": node_part(state["net"], node_state_map(stage, node), f"stages.{k}."),
                 "optimizers": [node_optimizer_state(stage, node, state["optimizers"][k])],
                 "schedulers": [state["schedulers"][k]],
                 "rng": state["rng"], "generator": state["generator"]}
 
-    def load_weights(self, part: dict[str, Any]) -> None:
-        node = self.engine.node
+    def load_weights(self, net: LocalNet, part: dict[str, Any], device: torch.device) -> None:
         try:
-            node.load_state_dict({n: t.to(self.session.device) for n, t in part["node"].items()})
+            self.node.load_state_dict({n: t.to(device) for n, t in part["node"].items()})
         except (KeyError, RuntimeError) as e:
-            raise TrainingError(f"the checkpoint does not fit node (stage {self.engine.stage + 1}, "
-                                f"group {self.engine.g + 1}): {str(e).splitlines()[0]}") from None
+            raise TrainingError(f"the checkpoint does not fit node (stage {self.stages.start + 1}, "
+                                f"group {self.g + 1}): {str(e).splitlines()[0]}") from None
 
 
 def build_group_trainer(setup: Setup, data: DataSplits | None, rank: int, world: int,
-                        device: torch.device, threads: int, backend: str, control: Control,
-                        data_group: Any, timeout: timedelta) -> GroupPipelineTrainer:
+                        device: torch.device, backend: str, control: Control,
+                        data_group: Any, timeout: timedelta) -> Trainer:
     """Build this rank's node, sibling groups, engine and trainer (every rank calls it).
 
     Args:
@@ -137,6 +144,7 @@ def build_group_trainer(setup: Setup, data: DataSplits | None, rank: int, world:
     siblings = [dist.new_group(ranks=[s * groups + j for j in range(groups)], backend=backend,
                                timeout=timeout) for s in range(k)]  # every rank makes all of them
     wire = device if backend == "nccl" else torch.device("cpu")
-    engine = GroupPipelineEngine(node, stage, k, data_group, siblings[stage], wire, device)
-    session = Session(rank, world, device, threads, backend, control, node_ranges(k, groups))
-    return GroupPipelineTrainer(net, data, cfg, Path(setup.run_dir), session, engine)
+    update = StageUpdate(resolve_config(cfg.train, device))
+    engine = GroupPipelineEngine(node, stage, k, data_group, siblings[stage], wire, device, update)
+    return Trainer(net, data, cfg, Path(setup.run_dir), engine, comm=control,
+                   placement=GroupPlacement(node, stage, groups, k), device=device)

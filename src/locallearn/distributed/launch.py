@@ -26,9 +26,12 @@ dead or frozen peer.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing.connection
 import os
+import pickle
+import shutil
 import socket
 import sys
 import tempfile
@@ -45,15 +48,20 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tqdm import tqdm
 
-from locallearn.config import ConfigError, EngineConfig, RunConfig
+from locallearn import runs
+from locallearn.build import build_net
+from locallearn.config import EngineConfig, RunConfig
 from locallearn.distributed import under_torchrun
 from locallearn.distributed.comm import Control, Inbox, Outbox, PeerError
 from locallearn.distributed.faults import PipelineError, describe_failure, error_text, write_report
 from locallearn.distributed.group_worker import build_group_trainer
 from locallearn.distributed.wire import WireError
-from locallearn.distributed.worker import PipelineTrainer, Session, Setup, placeholder_data, prepare
+from locallearn.distributed.worker import Setup, data_spec, placeholder_data, prepare
+from locallearn.engines.base import StageUpdate
 from locallearn.engines.pipeline import PipelineEngine, assign_stages
-from locallearn.train import TrainingError, build_net, resolve_run
+from locallearn.errors import ConfigError, UserError
+from locallearn.loop import Placement, Trainer
+from locallearn.precision import resolve_config
 
 
 @dataclass(frozen=True)
@@ -77,8 +85,14 @@ class WorkerEnv:
 
 # -- the launcher -----------------------------------------------------------------------
 
-def run_pipeline(cfg: RunConfig, resume: str | Path | None = None) -> tuple[dict[str, Any], Path]:
+def run_pipeline(cfg: RunConfig, resume: str | Path | None = None,
+                 run_dir: Path | None = None) -> tuple[dict[str, Any], Path]:
     """Train with ``engine: pipeline``: spawn the workers here, or be one under torchrun.
+
+    Args:
+        cfg: the run's config.
+        resume: the run folder to continue, if any.
+        run_dir: the run folder (made by the caller; under torchrun rank 0 makes it).
 
     Returns:
         The run summary (empty on ranks other than 0 under torchrun) and the run folder.
@@ -89,7 +103,7 @@ def run_pipeline(cfg: RunConfig, resume: str | Path | None = None) -> tuple[dict
     """
     if under_torchrun():
         return _torchrun_worker(cfg, resume)
-    cfg, run_dir = resolve_run(cfg, resume)
+    assert run_dir is not None, "the launcher is given the run folder"
     if cfg.engine.name != "pipeline":
         raise ConfigError(f"run {run_dir} uses engine={cfg.engine.name}, not pipeline")
     try:  # fail here, not in W processes (placement=groups is checked by the config)
@@ -101,9 +115,90 @@ def run_pipeline(cfg: RunConfig, resume: str | Path | None = None) -> tuple[dict
     return json.loads((run_dir / "summary.json").read_text()), run_dir
 
 
+@dataclass
+class Shipped:
+    """A net the user built in Python, shipped to the workers (pickled once, whole).
+
+    The net and its optimizers travel in one pickle, so the optimizers keep pointing at
+    the net's parameters; rank 0 also gets the data (or the user's batches), the other
+    ranks only the data's shape.
+    """
+
+    net: Any
+    optimizers: Any
+    data: Any
+    spec: dict[str, Any]
+    train_data: Any
+
+
+def train_in_workers(net: Any, data: Any, cfg: RunConfig, run_dir: Path | None = None,
+                     **options: Any) -> dict[str, Any]:
+    """Train a net built in Python on ``cfg.engine.workers`` worker processes.
+
+    Each rank trains the stages the config places on it, exactly as a run from a
+    config does; the trained weights (and optimizer states) come back into ``net``.
+
+    Returns:
+        The run summary.
+
+    Raises:
+        ConfigError: if something cannot be shipped to the workers (names it and why).
+        PipelineError: if a worker fails.
+    """
+    unknown = set(options) - {"optimizers", "train_data"}
+    if unknown:
+        raise ConfigError(f"engine=pipeline starts its own workers: {sorted(unknown)} cannot be "
+                          f"given to Trainer with it")
+    if cfg.engine.placement != "stages":
+        raise ConfigError("a net built in Python trains on the pipeline with "
+                          "engine.placement=stages; placement=groups builds its nodes from a "
+                          "registered model (use ll.run(cfg))")
+    try:
+        assign_stages(net.k, cfg.engine.workers)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    ship = Shipped(net, options.get("optimizers"), data, data_spec(data), options.get("train_data"))
+    check_shippable(ship)
+    keep = run_dir is not None
+    folder = Path(run_dir) if keep else Path(tempfile.mkdtemp(prefix="locallearn-run-"))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint=True))
+    try:
+        spawn_workers(cfg, None, folder, ship=ship)
+        state = runs.load_checkpoint(folder)
+        net.load_state_dict(state["net"])
+        for opt, s in zip(options.get("optimizers") or [], state["optimizers"]):
+            opt.load_state_dict(s)
+        return json.loads((folder / "summary.json").read_text())
+    finally:
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def check_shippable(ship: Shipped) -> None:
+    """Refuse, naming it, what cannot be pickled to a worker process.
+
+    Raises:
+        ConfigError: naming the object and the reason (e.g. a class defined inside a
+            function, or a lambda).
+    """
+    for what, obj in (("the net", ship.net), ("the optimizers", ship.optimizers),
+                      ("the training batches", ship.train_data)):
+        try:
+            pickle.dumps(obj)
+        except Exception as e:
+            raise ConfigError(
+                f"engine=pipeline cannot ship {what} to its worker processes: {e}. Workers "
+                f"receive the net by pickling, so define your modules at module level of a "
+                f"script or module (not inside a function, no lambdas), or train with "
+                f"engine=local") from None
+
+
 def spawn_workers(cfg: RunConfig, resume: str | Path | None, run_dir: Path,
-                  grace: float = 5.0) -> None:
+                  grace: float = 5.0, ship: Shipped | None = None) -> None:
     """Start ``cfg.engine.workers`` processes on this machine and wait for all of them.
+
+    Args:
+        ship: a net built in Python to train (default: each rank builds the config's).
 
     Raises:
         PipelineError: if a worker fails; the others are stopped within ``grace`` s.
@@ -114,23 +209,29 @@ def spawn_workers(cfg: RunConfig, resume: str | Path | None, run_dir: Path,
     ctx = worker_context()
     procs = [ctx.Process(target=_spawned_worker, name=f"locallearn-rank{r}",
                          args=(WorkerEnv(r, world, r, world, init), cfg, resume, str(run_dir),
-                               str(reports), dict(os.environ)))
+                               str(reports), dict(os.environ), _for_rank(ship, r)))
              for r in range(world)]
-    for p in procs:
-        p.start()
     try:
+        for p in procs:
+            p.start()
         died, stopped = _watch(procs, grace)
     except BaseException:  # e.g. Ctrl-C: take the workers down with the launcher
         _stop(procs)
         raise
+    finally:
+        found = {r: json.loads((reports / f"rank{r}.json").read_text())
+                 for r in range(world) if (reports / f"rank{r}.json").is_file()}
+        shutil.rmtree(reports, ignore_errors=True)
     codes = [p.exitcode for p in procs]
-    found = {r: json.loads((reports / f"rank{r}.json").read_text())
-             for r in range(world) if (reports / f"rank{r}.json").is_file()}
-    for f in reports.iterdir():
-        f.unlink()
-    reports.rmdir()
     if any(c != 0 for c in codes):
         raise PipelineError(describe_failure(codes, died, stopped, found, cfg, run_dir))
+
+
+def _for_rank(ship: Shipped | None, rank: int) -> Shipped | None:
+    """What rank ``rank`` gets of a shipped net: rank 0 the data, the others its shape."""
+    if ship is None or rank == 0:
+        return ship
+    return dataclasses.replace(ship, data=None, train_data=None)
 
 
 def worker_context() -> Any:
@@ -182,6 +283,7 @@ def _watch(procs: list[Any], grace: float) -> tuple[dict[int, float], set[int]]:
 
 def _stop(procs: list[Any]) -> None:
     """Terminate the processes still running, then kill those that do not end."""
+    procs = [p for p in procs if p.pid is not None]  # a failed start leaves some unstarted
     for p in procs:
         if p.exitcode is None:
             p.terminate()
@@ -196,7 +298,7 @@ def _stop(procs: list[Any]) -> None:
 # -- a worker ---------------------------------------------------------------------------
 
 def _spawned_worker(env: WorkerEnv, cfg: RunConfig, resume: str | Path | None, run_dir: str,
-                    reports: str, environ: dict[str, str]) -> None:
+                    reports: str, environ: dict[str, str], ship: Shipped | None = None) -> None:
     """Entry point of a spawned worker: run, or report the error and exit non-zero at once.
 
     Either way the process ends with ``os._exit``: everything it writes is written
@@ -207,12 +309,12 @@ def _spawned_worker(env: WorkerEnv, cfg: RunConfig, resume: str | Path | None, r
     os.environ.update(environ)
     code = 0
     try:
-        run_worker(cfg, resume, Path(run_dir), env)
+        run_worker(cfg, resume, Path(run_dir), env, ship)
     except BaseException as e:
         write_report(Path(reports) / f"rank{env.rank}.json", env.rank, e)
         if isinstance(e, PeerError):  # a consequence: the failed peer prints the cause
             print(f"pipeline worker rank {env.rank}: {e}", file=sys.stderr)
-        elif not isinstance(e, (ValueError, TrainingError)) or isinstance(e, WireError):
+        elif not isinstance(e, UserError) or isinstance(e, WireError):
             traceback.print_exc()  # user errors (bad config, data, model) are the launcher's one line
         code = 1
     sys.stdout.flush()
@@ -223,7 +325,10 @@ def _spawned_worker(env: WorkerEnv, cfg: RunConfig, resume: str | Path | None, r
 def _torchrun_worker(cfg: RunConfig, resume: str | Path | None) -> tuple[dict[str, Any], Path]:
     env = WorkerEnv.from_environ()
     try:
-        return run_worker(cfg, resume, None, env)
+        run_dir = None
+        if env.rank == 0:  # under torchrun rank 0 makes the run folder
+            run_dir = Path(resume) if resume is not None else runs.new_run_dir(cfg)
+        return run_worker(cfg, resume, run_dir, env)
     except (ConfigError, PipelineError):
         raise
     except BaseException as e:
@@ -233,15 +338,15 @@ def _torchrun_worker(cfg: RunConfig, resume: str | Path | None) -> tuple[dict[st
 
 
 def run_worker(cfg: RunConfig, resume: str | Path | None, run_dir: Path | None,
-               env: WorkerEnv) -> tuple[dict[str, Any], Path]:
+               env: WorkerEnv, ship: Shipped | None = None) -> tuple[dict[str, Any], Path]:
     """Everything one worker does: join the groups, set up, train, leave.
 
     Args:
         cfg: the run config (rank 0's is the one used; see :func:`prepare`).
         resume: the run folder to continue, if any.
-        run_dir: the run folder made by the launcher (``None`` under torchrun: rank 0
-            makes it).
+        run_dir: the run folder (rank 0 always has it; other ranks under torchrun do not).
         env: this worker's rank and rendezvous.
+        ship: a net built in Python (default: build the config's model).
     """
     threads = set_threads(cfg.engine.threads, env.local_world)
     tqdm.set_lock(threading.RLock())  # not tqdm's default process lock: workers end by os._exit
@@ -253,17 +358,21 @@ def run_worker(cfg: RunConfig, resume: str | Path | None, run_dir: Path | None,
     backend = choose_backend(cfg.engine.backend, device, control)
     data_group = dist.new_group(backend=backend, timeout=timeout)
     data = None
-    if env.rank == 0:
-        setup, data = prepare(cfg, resume, run_dir)
+    if ship is not None:
+        setup = Setup(cfg, str(run_dir), torch.get_rng_state(), ship.spec)
+        data = ship.data
+    elif env.rank == 0:
+        assert run_dir is not None
+        setup, data = prepare(cfg, run_dir)
         control.broadcast(setup)
     else:
         setup = control.broadcast()
-    trainer: PipelineTrainer
+    trainer: Trainer
     if setup.cfg.engine.placement == "groups":
-        trainer = build_group_trainer(setup, data, env.rank, env.world, device, threads, backend,
+        trainer = build_group_trainer(setup, data, env.rank, env.world, device, backend,
                                       control, data_group, timeout)
     else:
-        trainer = build_trainer(setup, data, env, device, threads, backend, control, data_group)
+        trainer = build_trainer(setup, data, env, device, control, data_group, ship)
     if resume is not None:
         trainer.restore()
     summary = trainer.fit()
@@ -272,24 +381,35 @@ def run_worker(cfg: RunConfig, resume: str | Path | None, run_dir: Path | None,
     return summary, Path(setup.run_dir)
 
 
-def build_trainer(setup: Setup, data: Any, env: WorkerEnv, device: torch.device, threads: int,
-                  backend: str, control: Control, data_group: Any) -> PipelineTrainer:
+def build_trainer(setup: Setup, data: Any, env: WorkerEnv, device: torch.device,
+                  control: Control, data_group: Any, ship: Shipped | None = None) -> Trainer:
     """Build this rank's network, links, engine and trainer from rank 0's set-up."""
     cfg = setup.cfg
-    ranges = assign_stages(cfg.split.k, env.world)
-    torch.set_rng_state(setup.rng)  # every rank initialises the net as a single process would
+    if ship is not None:
+        net = ship.net
+    else:
+        torch.set_rng_state(setup.rng)  # every rank initialises the net as one process would
+        net = build_net(cfg, data if data is not None else placeholder_data(setup.data))
     data = data if data is not None else placeholder_data(setup.data)
-    net = build_net(cfg, data)
+    ranges = assign_stages(net.k, env.world)
     e = cfg.engine
-    wire = device if backend == "nccl" else torch.device("cpu")
+    wire = device if data_group_backend(data_group) == "nccl" else torch.device("cpu")
     mine = ranges[env.rank]
     inbox = Inbox(env.rank - 1, data_group, wire, device, e.queue, e.timeout) if env.rank else None
     outbox = (Outbox(env.rank + 1, data_group, wire, e.queue, e.timeout)
               if env.rank < env.world - 1 else None)
     needs = {j for k in range(mine.stop, net.k) for j in net.needs(k)} if net.needs_trail else set()
-    engine = PipelineEngine(mine, inbox, outbox, e.micro_batches, sorted(needs), device)
-    session = Session(env.rank, env.world, device, threads, backend, control, ranges)
-    return PipelineTrainer(net, data, cfg, Path(setup.run_dir), session, engine)
+    update = StageUpdate(resolve_config(cfg.train, device))
+    engine = PipelineEngine(mine, inbox, outbox, e.micro_batches, sorted(needs), device, update)
+    return Trainer(net, data, cfg, Path(setup.run_dir), engine,
+                   optimizers=ship.optimizers if ship is not None else None,
+                   train_data=ship.train_data if ship is not None else None,
+                   comm=control, placement=Placement(mine, ranges), device=device)
+
+
+def data_group_backend(group: Any) -> str:
+    """The backend name of a process group (``nccl`` or ``gloo``)."""
+    return str(dist.get_backend(group))
 
 
 def set_threads(requested: int, workers_here: int) -> int:

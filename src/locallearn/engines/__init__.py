@@ -32,17 +32,18 @@ def build_engine(name: str, **options: Any) -> Engine:
     Raises:
         ValueError: for an unknown name (the message lists the choices).
     """
+    update = options.get("update")
     if name == "backprop":
         return BackpropEngine(aux_heads=options.get("aux_heads", True),
-                              checkpoint=options.get("checkpoint", "none"))
+                              checkpoint=options.get("checkpoint", "none"), update=update)
     if name == "local":
-        return LocalEngine()
+        return LocalEngine(update)
     if name == "pipeline":  # never a silent one-process stand-in
         raise ValueError("engine=pipeline is built per worker process: train with "
                          "ll.Trainer(net, data, cfg).fit() or ll.run(cfg), which start the "
                          "workers; in one process use engine=local (the same updates)")
     if name == "multiexit":
-        return MultiExitEngine(options.get("exit_weights"))
+        return MultiExitEngine(options.get("exit_weights"), update)
     raise ValueError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINES)}")
 
 

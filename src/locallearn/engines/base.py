@@ -77,8 +77,21 @@ class Engine(Protocol):
         """True if stage ``k``'s reported loss comes from a trained objective here."""
         ...
 
+    def begin_epoch(self) -> None:
+        """Start an epoch (the pipeline restarts its clocks)."""
+        ...
+
+    def end_epoch(self) -> dict[str, Any]:
+        """End an epoch: wait for what is in flight; the engine's own figures
+        (``stage_seconds``: compute seconds per stage index, where it times them)."""
+        ...
+
     def evaluate(self, net: LocalNet, batches: Batches | None, comm: Any) -> dict[str, Any] | None:
-        """Test accuracy (see :func:`locallearn.evaluate.evaluate`) on the first rank, else None."""
+        """Test accuracy (see :func:`locallearn.evaluate.evaluate`) on the first rank, else None.
+
+        ``batches`` are the test batches on the first rank (``None`` elsewhere); ``comm``
+        (:class:`locallearn.loop.Comm`) gathers what other ranks counted.
+        """
         ...
 
     def close(self) -> None:
@@ -111,6 +124,12 @@ class InProcess:
 
         assert batches is not None, "an in-process engine reads the test batches itself"
         return evaluate(net, batches)
+
+    def begin_epoch(self) -> None:
+        """Nothing to restart."""
+
+    def end_epoch(self) -> dict[str, Any]:
+        return {}
 
     def close(self) -> None:
         """Nothing to release."""

@@ -51,10 +51,16 @@ from locallearn.distributed.wire import (
     WireError,
     encode,
 )
-from locallearn.engines.base import detach
-from locallearn.engines.pipeline import EvalTally, add_to_ensembles, eval_packets, score_ensembles
+from locallearn.engines.base import StageUpdate
+from locallearn.engines.pipeline import (
+    EvalTally,
+    add_to_ensembles,
+    eval_packets,
+    merge_tallies,
+    score_ensembles,
+)
 from locallearn.groups import GroupNode
-from locallearn.models.blocks import Activation
+from locallearn.types import Activation, detach
 
 
 def node_rank(stage: int, group: int, groups: int) -> int:
@@ -138,9 +144,12 @@ class GroupPipelineEngine:
     """
 
     name = "group_pipeline"
+    accumulates = False
 
     def __init__(self, node: GroupNode, stage: int, k: int, world: Any, siblings: Any,
-                 wire: torch.device | str = "cpu", device: torch.device | str = "cpu") -> None:
+                 wire: torch.device | str = "cpu", device: torch.device | str = "cpu",
+                 update: StageUpdate | None = None) -> None:
+        self.update = update or StageUpdate()
         self.node, self.stage, self.k = node, stage, k
         self.world, self.siblings = world, siblings
         self.groups, self.g = node.groups, node.g
@@ -148,6 +157,12 @@ class GroupPipelineEngine:
         self.stages = range(stage, stage + 1)
         self.active: set[int] | None = None  # all stages train (no layer accumulation)
         self.stage_seconds = {stage: 0.0}
+
+    def owned(self, k: int) -> range:
+        return self.stages
+
+    def trains(self, k: int, net: Any) -> bool:
+        return k == self.stage
 
     def _ranks(self, stage: int) -> list[int]:
         return [node_rank(stage, g, self.groups) for g in range(self.groups)]
@@ -194,19 +209,20 @@ class GroupPipelineEngine:
         p = self._input(given, TRAIN)
         assert p.y is not None  # a training packet carries its targets
         start = time.perf_counter()
-        node = self.node
-        out = node(detach(p.h))
-        messages = all_gather(self.siblings, node.message(out), self.groups, self.wire)
-        loss, logits = node.local_loss(out, p.y, messages)
-        share = loss.detach()
-        if logits is not None:
-            sent = all_gather(self.siblings, logits.detach(), self.groups, self.wire)
-            div = node.diversity(logits, p.y, sent)
-            loss, share = loss + div, share + div.detach() / 2
+        node, u = self.node, self.update
+        with u.autocast():
+            out = node(detach(p.h))
+            messages = all_gather(self.siblings, node.message(out), self.groups, self.wire)
+            loss, logits = node.local_loss(out, p.y, messages)
+            share = loss.detach()
+            if logits is not None:
+                sent = all_gather(self.siblings, logits.detach(), self.groups, self.wire)
+                div = node.diversity(logits, p.y, sent)
+                loss, share = loss + div, share + div.detach() / 2
         optimizer = optimizers[self.stage]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        u.zero_grad(optimizer)
+        u.backward(loss, self.stage)
+        u.step(optimizer, self.stage)
         self.stage_seconds[self.stage] += time.perf_counter() - start
         self._send_on(Packet(TRAIN, out.detach(), p.y, total=p.total))
         losses = [math.nan] * self.k
@@ -214,10 +230,19 @@ class GroupPipelineEngine:
         return losses
 
     # -- evaluation ------------------------------------------------------------------
+    def evaluate(self, net: Any, batches: Iterable[tuple[Activation, torch.Tensor]] | None,
+                 comm: Any) -> dict[str, Any] | None:
+        """Test accuracy through the nodes; the first rank gets the result of
+        :func:`locallearn.evaluate.evaluate`, the others ``None``."""
+        tally = EvalTally()
+        self.evaluate_tally(net, tally, batches)
+        tallies = comm.gather(tally)
+        return merge_tallies(tallies, self.k) if tallies is not None else None
+
     @torch.no_grad()
-    def evaluate(self, net: Any, tally: EvalTally,
-                 batches: Iterable[tuple[Activation, torch.Tensor]] | None = None,
-                 group_heads: Sequence[Any] = ()) -> None:
+    def evaluate_tally(self, net: Any, tally: EvalTally,
+                       batches: Iterable[tuple[Activation, torch.Tensor]] | None = None,
+                       group_heads: Sequence[Any] = ()) -> None:
         """Run the test batches through the nodes, counting correct answers.
 
         Rank 0 reads ``batches``; the other nodes receive them until an empty packet
@@ -266,7 +291,13 @@ class GroupPipelineEngine:
         else:
             score_ensembles(tally, y, *extras)
 
-    # -- bookkeeping (the interface of PipelineEngine) ---------------------------------
+    # -- bookkeeping -----------------------------------------------------------------
+    def begin_epoch(self) -> None:
+        self.reset_clock()
+
+    def end_epoch(self) -> dict[str, Any]:
+        return {"stage_seconds": dict(self.stage_seconds)}
+
     def reset_clock(self) -> None:
         """Start counting compute time afresh (at the start of an epoch)."""
         self.stage_seconds = {self.stage: 0.0}

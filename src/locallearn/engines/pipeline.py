@@ -36,8 +36,9 @@ import torch
 
 from locallearn.distributed.comm import Inbox, Outbox
 from locallearn.distributed.wire import EVAL, STOP, TRAIN, Packet
-from locallearn.engines.base import detach, stage_loss
-from locallearn.types import Activation, Masked
+from locallearn.engines.base import StageUpdate, stage_loss
+from locallearn.objectives.groups import find_group_objective
+from locallearn.types import Activation, Masked, detach
 from locallearn.network import LocalNet
 
 
@@ -140,12 +141,14 @@ class PipelineEngine:
     """
 
     name = "pipeline"
+    accumulates = True
 
     def __init__(self, stages: range, inbox: Inbox | None = None, outbox: Outbox | None = None,
                  micro_batches: int = 1, downstream_needs: Sequence[int] = (),
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", update: StageUpdate | None = None) -> None:
         if micro_batches < 1:
             raise ValueError(f"engine.micro_batches={micro_batches} must be at least 1")
+        self.update = update or StageUpdate()
         self.stages, self.inbox, self.outbox = stages, inbox, outbox
         self.micro_batches = micro_batches
         self.downstream_needs = set(downstream_needs)
@@ -154,6 +157,12 @@ class PipelineEngine:
         self.stage_seconds = {k: 0.0 for k in stages}  # compute time per stage since reset
 
     # -- which stages run ------------------------------------------------------------
+    def owned(self, k: int) -> range:
+        return self.stages
+
+    def trains(self, k: int, net: LocalNet) -> bool:
+        return k in self.stages and self._trains(k)
+
     def depth(self, net: LocalNet) -> int:
         """Stages that run this epoch: up to the deepest active one."""
         return net.k if self.active is None else max(self.active, default=-1) + 1
@@ -180,7 +189,7 @@ class PipelineEngine:
             return losses
         train = [k for k in own if self._trains(k)]
         for k in train:
-            optimizers[k].zero_grad(set_to_none=True)
+            self.update.zero_grad(optimizers[k])
             losses[k] = 0.0
         sends = self.outbox is not None and self.stages.stop < depth
         for packet in self._micro_batches(x, y):
@@ -190,7 +199,7 @@ class PipelineEngine:
                 self.outbox.put(out)
         for k in train:
             start = self._now()
-            optimizers[k].step()
+            self.update.step(optimizers[k], k)
             self.stage_seconds[k] += self._now() - start
         return losses
 
@@ -223,13 +232,14 @@ class PipelineEngine:
                 trail.append(h)
             start = self._now()
             if k in train:
-                out = stage(h, trail)
-                loss = stage_loss(stage, out, y)
-                (loss if share == 1 else loss * share).backward()
+                with self.update.autocast():
+                    out = stage(h, trail)
+                    loss = stage_loss(stage, out, y)
+                self.update.backward(loss if share == 1 else loss * share, k)
                 losses[k] += loss.item() * share
                 h = out
             else:
-                with torch.no_grad():
+                with torch.no_grad(), self.update.autocast():
                     h = stage(h, trail)
             self.stage_seconds[k] += self._now() - start
         return Packet(TRAIN, detach(h), y, self._trail_out(trail), total=p.total)
@@ -239,10 +249,21 @@ class PipelineEngine:
         return [t if j in self.downstream_needs else None for j, t in enumerate(trail)]
 
     # -- evaluation ------------------------------------------------------------------
+    def evaluate(self, net: LocalNet, batches: Iterable[tuple[Activation, torch.Tensor]] | None,
+                 comm: Any) -> dict[str, Any] | None:
+        """Test accuracy through the pipeline; the first rank gets the result of
+        :func:`locallearn.evaluate.evaluate`, the others ``None``."""
+        tally = EvalTally()
+        heads = [find_group_objective(s.objective) for s in net.stages]
+        self.evaluate_tally(net, tally, batches, heads)
+        self.flush()
+        tallies = comm.gather(tally)
+        return merge_tallies(tallies, net.k) if tallies is not None else None
+
     @torch.no_grad()
-    def evaluate(self, net: LocalNet, tally: EvalTally,
-                 batches: Iterable[tuple[Activation, torch.Tensor]] | None = None,
-                 group_heads: Sequence[Any] = ()) -> None:
+    def evaluate_tally(self, net: LocalNet, tally: EvalTally,
+                       batches: Iterable[tuple[Activation, torch.Tensor]] | None = None,
+                       group_heads: Sequence[Any] = ()) -> None:
         """Run the test batches through this rank's stages, counting correct answers.
 
         Rank 0 reads ``batches``; later ranks receive them until an empty packet marks
@@ -300,6 +321,13 @@ class PipelineEngine:
                 counts[g] += int((logits.argmax(1) == y).sum())
 
     # -- bookkeeping -----------------------------------------------------------------
+    def begin_epoch(self) -> None:
+        self.reset_clock()
+
+    def end_epoch(self) -> dict[str, Any]:
+        self.flush()
+        return {"stage_seconds": dict(self.stage_seconds)}
+
     def reset_clock(self) -> None:
         """Start counting compute time per stage afresh (at the start of an epoch)."""
         self.stage_seconds = {k: 0.0 for k in self.stages}
