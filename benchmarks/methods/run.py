@@ -240,15 +240,19 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--ks", type=int, nargs="+", default=[4, 8])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--train-subset", type=int, default=0, help="train on N images (0 = all)")
     p.add_argument("--only", nargs="*", default=[], help="run names to run (default: all)")
     p.add_argument("--smoke", action="store_true",
                    help="a tiny budget (256 images, 1 epoch, 1 seed, K=4) into results_smoke.*")
     a = p.parse_args()
-    train_subset = test_subset = 0
+    train_subset, test_subset = a.train_subset, 0
     if a.smoke:
         a.epochs, a.seeds, a.ks, train_subset, test_subset = 1, a.seeds[:1], [4], 256, 128
     stem = "results_smoke" if a.smoke else "results"
     out = HERE / f"{stem}.json"
+    if a.train_subset and not a.smoke:
+        stem = f"results_n{a.train_subset}"
+        out = HERE / f"{stem}.json"
     results: dict[str, dict[str, Any]] = json.loads(out.read_text()) if out.exists() else {}
     common = ["data=cifar10", f"data.data_dir={a.data_dir}", f"data.batch_size={BATCH}",
               "data.augment=basic", f"train.epochs={a.epochs}", f"train.eval_every={a.epochs}",
@@ -267,11 +271,14 @@ def main() -> None:
             out.write_text(json.dumps(results, indent=1, default=float))
             print(f"{key}: acc {row['final_acc']:.2f}  saved {row['saved_bytes'] / MIB:.1f} MiB  "
                   f"aux {100 * row['aux_overhead']:.0f}%  {row['train_seconds']:.0f} s", flush=True)
-    meta = (f"CIFAR-10{' (smoke: 256 images)' if a.smoke else ''}, {a.epochs} epochs, batch "
+    images = f" ({train_subset} training images)" if train_subset else ""
+    meta = (f"CIFAR-10{images}, {a.epochs} epochs, batch "
             f"{BATCH}, crop+flip, seeds {a.seeds}, device {a.device}; ResNet-32 width "
             f"{RESNET_WIDTH} with SGD lr 0.1 nesterov cosine, VGG8B width {VGG_WIDTH} with Adam "
             f"lr 5e-4 cosine. Command: python benchmarks/methods/run.py --data-dir "
-            f"{a.data_dir}{' --smoke' if a.smoke else ''}")
+            f"{a.data_dir}{' --smoke' if a.smoke else ''}"
+            f"{f' --train-subset {a.train_subset}' if a.train_subset and not a.smoke else ''}"
+            f"{f' --epochs {a.epochs}' if a.epochs != EPOCHS and not a.smoke else ''}")
     text = report(results, runs, meta)
     (HERE / f"{stem}.md").write_text(text)
     print(text)

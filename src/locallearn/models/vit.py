@@ -5,7 +5,8 @@ conv), adds a learned position embedding and, with ``pool=cls``, prepends a CLS 
 Each further block is one ``nn.TransformerEncoderLayer`` (pre-norm, GELU, batch first); the
 last also applies the final LayerNorm of a pre-norm transformer. Every block outputs
 plain ``(B, N, D)`` token tensors, so a split may cut after any layer (K = 2 .. depth + 1)
-and every head pools the tokens first (``mean`` or ``cls``, head option ``pool``).
+and every head pools the tokens first (``mean`` or ``cls``: the task head takes the model's
+``pool``; the heads of earlier stages take ``objective.options.pool``, default ``mean``).
 
 Sizes for 32x32 images (patch 4: 64 tokens): the defaults (dim 192, depth 6, 3 heads,
 MLP ratio 2) are a ViT-Tiny-like net of about 1.8M parameters.
