@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from presets import run_preset
 
 from locallearn.engines import LocalEngine
 from locallearn.models import build_model
 from locallearn.network import LocalNet
 from locallearn.objectives.auglocal import adapter, aux_depth, uniform_picks
-from presets import run_preset
 
 
 def _net(k: int = 4, **options) -> LocalNet:

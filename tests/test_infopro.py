@@ -5,15 +5,14 @@ import math
 
 import pytest
 import torch
+from presets import run_preset
 
-import locallearn as ll
 from locallearn.engines import LocalEngine
 from locallearn.models import build_model
 from locallearn.network import LocalNet
 from locallearn.objectives import build_objective
 from locallearn.objectives.infopro import stage_weight
 from locallearn.objectives.supcon import supcon_loss
-from presets import run_preset
 
 
 def _net(k: int = 4, **options) -> LocalNet:

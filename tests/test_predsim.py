@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from presets import run_preset
 
 from locallearn.engines import LocalEngine
 from locallearn.models import build_model
 from locallearn.network import LocalNet
 from locallearn.objectives import build_objective
 from locallearn.objectives.predsim import pool_size
-from presets import run_preset
 
 
 def _cos_matrix_by_loop(z):

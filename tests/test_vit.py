@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
+from presets import run_preset
 
 from locallearn.engines import LocalEngine
 from locallearn.models import build_model
 from locallearn.network import LocalNet
-from presets import run_preset
 
 
 def _vit(pool: str = "mean", depth: int = 3):

@@ -98,7 +98,8 @@ def infopro_objective(in_shape: tuple[int, ...], num_classes: int, *, head: str 
         ValueError: for an unknown variant or bad weights.
     """
     if variant not in VARIANTS:
-        raise ValueError(f"objective.options.variant={variant!r}; choose one of: {', '.join(VARIANTS)}")
+        raise ValueError(f"objective.options.variant={variant!r}; choose one of: "
+                         f"{', '.join(VARIANTS)}")
     if last:
         return HeadCE(build_head(head, in_shape, num_classes, pool=pool, **head_options))
     local = max(num_stages - 1, 1)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from locallearn.models.blocks import Activation, infer_shapes
-from locallearn.objectives.base import Objective, build_objective
+from locallearn.objectives.base import WRAPPERS, Objective, build_objective
 
 
 class MomentumAux(Objective):
@@ -74,7 +74,7 @@ class MomentumAux(Objective):
 
     @torch.no_grad()
     def update_momentum(self, source: nn.Module) -> None:
-        """``p_ema = m * p_ema + (1 - m) * p`` for every parameter and float buffer of ``source``."""
+        """``p_ema = m * p_ema + (1 - m) * p`` for each parameter and float buffer of ``source``."""
         m = self.momentum
         pairs = [*zip(self.ema.parameters(), source.parameters()),
                  *zip(self.ema.buffers(), source.buffers())]
@@ -112,8 +112,11 @@ def check_config(cfg: Any) -> None:
         ConfigError: for ``objective.options.momentum_aux`` with ``engine=pipeline``.
     """
     if cfg.objective.options.get("momentum_aux") and cfg.engine.name == "pipeline":
-        from locallearn.config import ConfigError
+        from locallearn.errors import ConfigError
 
         raise ConfigError("objective.options.momentum_aux (MAN) needs stage k+1's weights on "
                           "stage k's rank, which engine=pipeline does not send yet: use "
                           "engine=local, or drop momentum_aux")
+
+
+WRAPPERS["momentum_aux"] = build_momentum_objective
