@@ -31,15 +31,19 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from locallearn.config import ConfigError, RunConfig
+from locallearn.errors import ConfigError
 from locallearn.engines.base import stage_loss
 from locallearn.measure import macs
 from locallearn.types import Activation, first_tensor, map_tensors
 from locallearn.network import LocalNet
+
+if TYPE_CHECKING:  # type-only: the config layer calls this module's checks
+    from locallearn.config import RunConfig
 
 ACCUMULATE = ("none", "grow", "shrink")
 SCHEDULED_ENGINES = ("local", "pipeline")  # engines that read `active`

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from locallearn.config import ConfigError
+from locallearn.errors import ConfigError
 
 KNOBS = ("temperature", "neg_fraction", "proj_hidden", "projector")
 RULES = ("constant", "linear", "geometric")

@@ -3,7 +3,7 @@
 Importing this package registers every objective in :data:`OBJECTIVES`.
 """
 
-from locallearn.objectives import auglocal, ce, infopro, predsim, simclr, supcon  # noqa: F401
+from locallearn.objectives import auglocal, ce, infopro, momentum, predsim, simclr, supcon  # noqa: F401
 from locallearn.objectives.base import OBJECTIVES, Objective, build_objective, register_objective
 from locallearn.objectives.diversity import diversity_penalty
 from locallearn.objectives.groups import GroupObjective, build_group_objective

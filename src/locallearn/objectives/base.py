@@ -45,6 +45,11 @@ def register_objective(name: str, help: str) -> Callable[[ObjectiveBuilder], Obj
     return wrap
 
 
+# Options that wrap any objective: option name -> builder(name, in_shape, num_classes,
+# **options) of the wrapped objective (MAN's `momentum_aux`, registered by its module).
+WRAPPERS: dict[str, ObjectiveBuilder] = {}
+
+
 # Where a stage sits, passed by LocalNet.from_backbone; a builder receives a key only if it
 # names it as a parameter (objectives that look beyond their own stage: InfoPro, AugLocal, MAN).
 STAGE_KEYS = ("stage", "num_stages", "image_shape", "later_blocks")
@@ -61,15 +66,14 @@ def build_objective(name: str, in_shape: tuple[int, ...], num_classes: int,
     Raises:
         ValueError: for an unknown name (the message lists the choices).
     """
-    import locallearn.objectives  # noqa: F401  (importing registers the builders)
-
+    # the builders are registered by importing locallearn.objectives, which runs before
+    # this module is imported (a package's __init__ runs before its submodules)
     if name not in OBJECTIVES:
         raise ConfigError(f"unknown objective {name!r}; choose one of: {', '.join(sorted(OBJECTIVES))}")
-    if options.get("momentum_aux"):
-        from locallearn.objectives.momentum import build_momentum_objective
-
-        return build_momentum_objective(name, in_shape, num_classes, **options)
-    options.pop("momentum_aux", None)
+    for option, wrap in WRAPPERS.items():
+        if options.get(option):
+            return wrap(name, in_shape, num_classes, **options)
+        options.pop(option, None)
     fn = OBJECTIVES[name][0]
     takes = inspect.signature(fn).parameters
     options = {k: v for k, v in options.items() if k not in STAGE_KEYS or k in takes}
