@@ -433,9 +433,12 @@ def test_batches_pass_token_ids_through() -> None:
         next(batches(tokens, 2, shuffle=False, generator=None, mean=[0.0], std=[1.0]))
 
 
-def test_subset_takes_the_first_samples() -> None:
-    data = labelled_images()
-    assert data.subset(4).y.tolist() == [0, 1, 2, 3] and len(data.subset(100)) == 23
+def test_subset_draws_every_class_in_proportion_and_keeps_all_when_asked_for_more() -> None:
+    data = ArrayData(labelled_images().x, torch.arange(23) % 3, ["a", "b", "c"])  # 8/8/7
+    part = data.subset(12)
+    assert len(part) == 12 and part.classes == data.classes
+    assert torch.bincount(part.y).tolist() == [4, 4, 4]
+    assert len(data.subset(100)) == 23
 
 
 # --- the real CIFAR-10 archive ----------------------------------------------------------
