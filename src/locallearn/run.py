@@ -72,27 +72,31 @@ def run(cfg: RunConfig, resume: str | Path | None = None) -> tuple[dict[str, Any
         return run_pipeline(cfg, resume)
     cfg, run_dir = resolve_run(cfg, resume)
     with runs.claim(run_dir):
-        if cfg.engine.name == "pipeline":  # worker processes: see locallearn.distributed.launch
-            from locallearn.distributed.launch import run_pipeline
-
-            return run_pipeline(cfg, resume, run_dir)
-        state = runs.load_checkpoint(run_dir) if resume is not None else None
-        if cfg.engine.threads:  # 0 keeps torch's default for a single process
-            torch.set_num_threads(cfg.engine.threads)
-        torch.manual_seed(cfg.train.seed)
-        data = build_data(cfg)
-        if "vocab" in data.meta:  # text: the encoder fitted on the train split, to encode new text
-            runs.write_json(run_dir / "vocab.json", data.meta["vocab"])
-        trainer = loop.Trainer(build_net(cfg, data), data, cfg, run_dir)
-        if state is not None:
-            trainer.load_state_dict(state)
-            runs.truncate_metrics(run_dir, trainer.epoch)
-            runs.save_config(run_dir, cfg)
         try:
-            summary = trainer.fit()
+            return _run_here_or_in_workers(cfg, resume, run_dir)
         except KeyboardInterrupt:
-            raise Interrupted(run_dir, trainer.epoch) from None
-    return summary, run_dir
+            raise Interrupted(run_dir, len(runs.read_metrics(run_dir))) from None
+
+
+def _run_here_or_in_workers(cfg: RunConfig, resume: str | Path | None,
+                            run_dir: Path) -> tuple[dict[str, Any], Path]:
+    if cfg.engine.name == "pipeline":  # worker processes: see locallearn.distributed.launch
+        from locallearn.distributed.launch import run_pipeline
+
+        return run_pipeline(cfg, resume, run_dir)
+    state = runs.load_checkpoint(run_dir) if resume is not None else None
+    if cfg.engine.threads:  # 0 keeps torch's default for a single process
+        torch.set_num_threads(cfg.engine.threads)
+    torch.manual_seed(cfg.train.seed)
+    data = build_data(cfg)
+    if "vocab" in data.meta:  # text: the encoder fitted on the train split, to encode new text
+        runs.write_json(run_dir / "vocab.json", data.meta["vocab"])
+    trainer = loop.Trainer(build_net(cfg, data), data, cfg, run_dir)
+    if state is not None:
+        trainer.load_state_dict(state)
+        runs.truncate_metrics(run_dir, trainer.epoch)
+        runs.save_config(run_dir, cfg)
+    return trainer.fit(), run_dir
 
 
 class Interrupted(RunError):

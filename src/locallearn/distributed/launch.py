@@ -310,6 +310,8 @@ def _spawned_worker(env: WorkerEnv, cfg: RunConfig, resume: str | Path | None, r
     code = 0
     try:
         run_worker(cfg, resume, Path(run_dir), env, ship)
+    except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal: the launcher speaks
+        code = 130
     except BaseException as e:
         write_report(Path(reports) / f"rank{env.rank}.json", env.rank, e)
         if isinstance(e, PeerError):  # a consequence: the failed peer prints the cause
