@@ -156,3 +156,30 @@ def test_a_method_the_library_does_not_register_is_refused_naming_it(monkeypatch
     with pytest.raises(SystemExit, match="'badkey' is not available"):
         rp.check_method("badkey")
     rp.check_method("dgl")
+
+
+@pytest.mark.parametrize("method", sorted(rp.PRESETS))
+def test_a_method_has_the_objective_section_of_the_preset_it_follows(method):
+    from locallearn.config import load_config
+
+    preset = Path(rp.ROOT) / "configs" / f"{rp.PRESETS[method]}.yaml"
+    if not preset.is_file():
+        pytest.skip(f"{preset.name} is not in this checkout")
+    ours = load_config(None, ["model=resnet32", *rp.method_overrides(method, 4)])
+    assert ours.objective == load_config(preset).objective
+    assert ours.engine.name == load_config(preset).engine.name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(rp.METHODS))
+def test_every_method_of_the_matrix_trains_a_tiny_epoch(method, tmp_path):
+    import locallearn as ll
+
+    cfg = ll.load_config(None, [
+        "model=resnet32", "model.options={width: 0.25}", *rp.method_overrides(method, 2),
+        "data=digits", "data.train_subset=64", "data.test_subset=32", "data.batch_size=32",
+        "train.epochs=1", "train.progress=false", "train.checkpoint=false",
+        f"train.out_dir={tmp_path}"])
+    run = ll.run if callable(ll.run) else ll.run.run  # the function, while locallearn.run moves
+    summary, _ = run(cfg)
+    assert summary["final_acc"] is not None
