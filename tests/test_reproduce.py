@@ -183,3 +183,26 @@ def test_every_method_of_the_matrix_trains_a_tiny_epoch(method, tmp_path):
     run = ll.run if callable(ll.run) else ll.run.run  # the function, while locallearn.run moves
     summary, _ = run(cfg)
     assert summary["final_acc"] is not None
+
+
+FAKE_TRAIN = """
+import json, sys, pathlib
+folder, epochs, fail = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+if fail:
+    sys.exit(3)
+folder.mkdir(parents=True, exist_ok=True)
+(folder / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "epoch_seconds": 1.0}) + "\\n")
+(folder / "summary.json").write_text(json.dumps({"epochs": epochs, "final_acc": 50.0}))
+"""
+
+
+def test_advance_runs_what_is_left_jobs_at_a_time_and_counts_failures(tmp_path, monkeypatch):
+    p = rp.PROTOCOLS["smoke"]
+    plan = rp.matrix(p)
+    monkeypatch.setattr(rp, "command", lambda run, runs, threads, device: [
+        sys.executable, "-c", FAKE_TRAIN, str(run.folder(runs)), str(p.epochs),
+        "1" if run.method == "dgl" else "0"])
+    assert rp.advance(plan, tmp_path, jobs=2, threads=1, device="") == 1
+    assert [rp.state(r, tmp_path) for r in plan] == ["done", "left"]
+    assert not list((tmp_path / p.name).glob("*.pid"))
+    assert (tmp_path / p.name / f"{plan[1].name}.log").is_file()

@@ -36,10 +36,11 @@ import math
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,12 +94,14 @@ PRESETS = {"dgl": "cifar10_resnet32_dgl", "infopro": "infopro_resnet32_contrast"
            "man": "man_resnet32_cifar10"}  # configs/<name>.yaml with the same objective section
 
 
-def method_overrides(method: str, k: int) -> list[str]:
-    """The overrides of ``method`` at K stages (BP is one stage; local methods use memory cuts)."""
-    if method not in METHODS:
-        raise SystemExit(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-    split = ["split.k=1"] if method == "bp" else [f"split.k={k}", "split.by=memory"]
-    return [*METHODS[method], *split]
+def method_overrides(method: str, k: int, methods: Mapping[str, tuple[str, ...]] = METHODS,
+                     split_by: str = "memory") -> list[str]:
+    """The overrides of ``method`` at K stages (BP is one stage; local methods cut by
+    ``split_by``, memory-balanced as InfoPro's)."""
+    if method not in methods:
+        raise SystemExit(f"unknown method {method!r}; choose one of: {', '.join(methods)}")
+    split = ["split.k=1"] if method == "bp" else [f"split.k={k}", f"split.by={split_by}"]
+    return [*methods[method], *split]
 
 
 # -- protocols ---------------------------------------------------------------------------------
@@ -121,20 +124,29 @@ class Protocol:
     name: str
     about: str
     models: tuple[str, ...]
-    width: float                    # channel multiplier of the model
+    width: float | None             # channel multiplier of the model (None: no width option)
     epochs: int
     batch: int
     lr: float
     cells: tuple[tuple[str, int], ...]  # (method, K)
     seeds: tuple[int, ...]
     data: tuple[str, ...] = ("data=cifar10", "data.augment=basic")  # basic: crop + flip
+    optim: tuple[str, ...] = ()     # optimizer overrides besides lr (empty: InfoPro's SGD)
     extra: tuple[str, ...] = ()     # further overrides of every run
+    methods: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: METHODS)
+    split_by: str = "memory"        # how local methods place their K-1 cuts
+    train_size: int = 50000         # training samples per epoch (for --measure's estimate)
 
     def overrides(self, model: str) -> list[str]:
         """Every override shared by this protocol's runs of ``model``."""
-        return [f"model={model}", f"model.options={{width: {self.width:g}}}", *self.data,
-                f"data.batch_size={self.batch}", *_sgd(self.lr), f"train.epochs={self.epochs}",
-                "train.eval_every=1", "train.progress=false", *self.extra]
+        width = [] if self.width is None else [f"model.options={{width: {self.width:g}}}"]
+        optim = [*self.optim, f"optim.lr={self.lr:g}"] if self.optim else [*_sgd(self.lr)]
+        return [f"model={model}", *width, *self.data, f"data.batch_size={self.batch}", *optim,
+                f"train.epochs={self.epochs}", "train.eval_every=1", "train.progress=false",
+                *self.extra]
+
+    def method_overrides(self, method: str, k: int) -> list[str]:
+        return method_overrides(method, k, self.methods, self.split_by)
 
 
 ALL = tuple(METHODS)
@@ -164,7 +176,7 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in [
 class Run:
     """One cell of a protocol's matrix at one seed."""
 
-    protocol: Protocol = field(repr=False)
+    protocol: Protocol = field(repr=False, compare=False)
     model: str
     method: str
     k: int
@@ -189,7 +201,7 @@ class Run:
 
     def overrides(self, runs: Path = RUNS, threads: int = 1, device: str = "") -> list[str]:
         """Every override of a fresh start of this run."""
-        out = [*self.protocol.overrides(self.model), *method_overrides(self.method, self.k),
+        out = [*self.protocol.overrides(self.model), *self.protocol.method_overrides(self.method, self.k),
                f"train.seed={self.seed}", f"train.name={self.name}",
                f"train.out_dir={runs / self.protocol.name}", f"data.data_dir={DATA_DIR}",
                f"engine.threads={threads}"]
@@ -215,13 +227,15 @@ def _filter(only: Sequence[str]) -> Sequence[str]:
     return only
 
 
-def check_method(method: str, k: int = 4) -> None:
+def check_method(method: str, protocol: Protocol | None = None, k: int = 4) -> None:
     """Refuse (SystemExit naming the method) a method the installed library cannot build."""
     from locallearn.config import ConfigError, load_config
     from locallearn.objectives import HEAD_KINDS, OBJECTIVES
 
+    protocol = protocol or PROTOCOLS["cpu"]
     try:
-        cfg = load_config(None, ["model=resnet32", *method_overrides(method, k)])
+        cfg = load_config(None, [*protocol.overrides(protocol.models[0]),
+                                 *protocol.method_overrides(method, k)])
     except ConfigError as e:
         raise SystemExit(f"method {method!r} is not available in this locallearn: {e} "
                          f"(update METHODS in {Path(__file__).name} to the library's preset)") from e
@@ -406,34 +420,61 @@ def start(run: Run, runs: Path, threads: int, device: str) -> subprocess.Popen[b
     proc = subprocess.Popen(command(run, runs, threads, device), cwd=ROOT, env=env,
                             stdout=log, stderr=subprocess.STDOUT)
     log.close()
-    folder.with_name(folder.name + ".pid").write_text(f"{proc.pid}\n")
+    _pid_file(run, runs).write_text(f"{proc.pid}\n")
     return proc
 
 
 def advance(plan: list[Run], runs: Path, jobs: int, threads: int, device: str,
-            after_each: Any = None) -> int:
-    """Run what is not done or running, ``jobs`` at a time; returns the number of failures."""
+            after_each: Callable[[], None] | None = None) -> int:
+    """Run what is not done or running, ``jobs`` at a time; returns the number of failures.
+
+    Ctrl-C stops the running runs too (each keeps its last epoch's checkpoint) and exits 130.
+    """
     todo = [r for r in plan if state(r, runs) in ("interrupted", "stale", "left")]
     print(f"{len(todo)} runs to train ({len(plan) - len(todo)} done or running)", flush=True)
     active: dict[subprocess.Popen[bytes], Run] = {}
     failures = 0
-    while todo or active:
-        while todo and len(active) < jobs:
-            r = todo.pop(0)
-            print(f"start {r.name} ({'resume' if (r.folder(runs) / 'checkpoint.pt').is_file() else 'fresh'})",
-                  flush=True)
-            active[start(r, runs, threads, device)] = r
-        time.sleep(1.0)
-        for proc in [p for p in active if p.poll() is not None]:
-            r = active.pop(proc)
-            r.folder(runs).with_name(r.name + ".pid").unlink(missing_ok=True)
-            ok = proc.returncode == 0 and state(r, runs) == "done"
-            failures += not ok
-            print(f"{'done' if ok else 'FAILED'} {r.name} (exit {proc.returncode}; log "
-                  f"{r.folder(runs).with_name(r.name + '.log')})", flush=True)
-            if after_each:
-                after_each()
+    try:
+        while todo or active:
+            while todo and len(active) < jobs:
+                r = todo.pop(0)
+                how = "resume" if (r.folder(runs) / "checkpoint.pt").is_file() else "fresh"
+                print(f"start {r.name} ({how})", flush=True)
+                active[start(r, runs, threads, device)] = r
+            time.sleep(1.0)
+            for proc in [p for p in active if p.poll() is not None]:
+                r = active.pop(proc)
+                _pid_file(r, runs).unlink(missing_ok=True)
+                ok = proc.returncode == 0 and state(r, runs) == "done"
+                failures += not ok
+                print(f"{'done' if ok else 'FAILED'} {r.name} (exit {proc.returncode}; log "
+                      f"{_pid_file(r, runs).with_suffix('.log')})", flush=True)
+                if after_each:
+                    after_each()
+    except KeyboardInterrupt:
+        print("interrupted: stopping the running runs (rerun the same command to resume)")
+        _stop(active, runs)
+        raise SystemExit(130) from None
     return failures
+
+
+def _pid_file(run: Run, runs: Path) -> Path:
+    return run.folder(runs).with_name(run.name + ".pid")
+
+
+def _stop(active: dict[subprocess.Popen[bytes], Run], runs: Path) -> None:
+    """Interrupt runs the terminal's Ctrl-C did not reach, wait for them, remove pid files."""
+    time.sleep(2.0)
+    for proc in active:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    for proc, r in active.items():
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        _pid_file(r, runs).unlink(missing_ok=True)
 
 
 def measure(protocol: Protocol, steps: int, only: Sequence[str], threads: int,
@@ -445,12 +486,12 @@ def measure(protocol: Protocol, steps: int, only: Sequence[str], threads: int,
     test images, into ``runs/<protocol>-measure/``. On a shared machine a process gets only a
     share of its core: the step time is also given scaled by that share (the training process's
     CPU seconds over its wall seconds), the time it would take on a core of its own. Per-epoch
-    figures scale the step to 50,000 images; evaluation (about 7 % more) is not included.
+    figures scale the step to ``protocol.train_size`` samples; evaluation (about 7 % more) is not included.
     """
     scratch = RUNS / f"{protocol.name}-measure"
     shutil.rmtree(scratch, ignore_errors=True)
     cells: dict[str, Any] = {}
-    steps_per_epoch = math.ceil(50000 / protocol.batch)
+    steps_per_epoch = math.ceil(protocol.train_size / protocol.batch)
     for run in [r for r in matrix(protocol, only) if r.seed == protocol.seeds[0]]:
         cmd = [sys.executable, "-m", "locallearn", "train", *run.overrides(scratch, threads),
                "train.epochs=1", "train.checkpoint=false", f"data.train_subset={steps * protocol.batch}",
@@ -554,8 +595,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         bp = groups.get((protocol, model, "bp", 1))
         bp_mean = mean_std([r["final_acc"] for r in bp])[0] if bp else None
         p = PROTOCOLS[protocol]
-        out += [f"## {protocol}: {model}, width {p.width:g}, {p.epochs} epochs, batch {p.batch}, "
-                f"lr {p.lr:g}", "",
+        width = "" if p.width is None else f", width {p.width:g}"
+        out += [f"## {protocol}: {model}{width}, {p.epochs} epochs, batch {p.batch}, lr {p.lr:g}", "",
                 "| method | K | n | acc % | best % | gap to BP | published % | published gap "
                 "| train h / run | saved act MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
         for (pr, mo, method, k), rs in groups.items():
@@ -641,7 +682,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="only these runs (shell wildcards, e.g. 'dgl/*/0'; MODEL/METHOD/K/SEED too)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once")
     p.add_argument("--threads", type=int, default=1, help="engine.threads of each run")
-    p.add_argument("--device", default="", help="engine.device of fresh runs, e.g. cuda")
+    p.add_argument("--device", default="auto",
+                   help="engine.device of fresh runs (auto: cuda if torch sees a GPU, else cpu)")
     p.add_argument("--status", action="store_true", help="done, running, left; time spent and needed")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--report", action="store_true", help="re-render results.* from the run folders")
@@ -649,6 +691,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="time STEPS optimizer steps of each cell; write runs/<protocol>/measure.json")
     a = p.parse_args(argv)
     protocol = PROTOCOLS[a.protocol]
+    if a.device == "auto":
+        import torch
+
+        a.device = "cuda" if torch.cuda.is_available() else ""
     plan = matrix(protocol, _filter(a.only))
     smoke = protocol.name not in REPORTED  # its report stays in its (ignored) run folder
 
@@ -667,7 +713,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     check_protocol_keys(protocol)
     for method in dict.fromkeys(r.method for r in plan):
-        check_method(method)
+        check_method(method, protocol)
     if a.measure:
         measure(protocol, a.measure, a.only, a.threads)
         return 0
