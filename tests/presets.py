@@ -13,8 +13,5 @@ def run_preset(name: str, tmp_path: Path, *overrides: str) -> dict:
     """Run ``configs/<name>.yaml`` for one tiny epoch (plus ``overrides``); its summary."""
     cfg = ll.load_config(CONFIGS / f"{name}.yaml",
                          [*TINY, f"train.out_dir={tmp_path}", *overrides])
-    run = ll.run
-    if not callable(run):  # the submodule locallearn.run shadows the function (being moved)
-        run = run.run
-    summary, _ = run(cfg)
+    summary, _ = ll.run(cfg)
     return summary

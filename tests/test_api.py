@@ -70,3 +70,10 @@ def test_ensembles_weight_deeper_stages_by_powers_of_two():
     assert r["stage_acc"] == [0.0, 100.0] and r["final_acc"] == 100.0
     assert r["ens_uniform"] == 0.0
     assert r["ens_weighted"] == 100.0
+
+
+def test_the_public_run_is_the_function_also_after_its_module_is_imported():
+    import locallearn as ll
+    import locallearn.runner  # noqa: F401
+
+    assert callable(ll.run) and callable(ll.Trainer)

@@ -15,7 +15,7 @@ import locallearn
 
 ROOT = Path(locallearn.__file__).parent
 LAUNCHER = "locallearn.distributed.launch"
-ABOVE_LAUNCHER = {"locallearn.run", "locallearn.train", "locallearn.cli", "locallearn.__main__",
+ABOVE_LAUNCHER = {"locallearn.runner", "locallearn.train", "locallearn.cli", "locallearn.__main__",
                   LAUNCHER}
 
 

@@ -180,7 +180,7 @@ def test_every_method_of_the_matrix_trains_a_tiny_epoch(method, tmp_path):
         "data=digits", "data.train_subset=64", "data.test_subset=32", "data.batch_size=32",
         "train.epochs=1", "train.progress=false", "train.checkpoint=false",
         f"train.out_dir={tmp_path}"])
-    run = ll.run if callable(ll.run) else ll.run.run  # the function, while locallearn.run moves
+    run = ll.run
     summary, _ = run(cfg)
     assert summary["final_acc"] is not None
 

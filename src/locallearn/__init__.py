@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # the static view of the lazy names below
     from locallearn.network import LocalNet, Stage
     from locallearn.build import build_net
     from locallearn.models import register_model
-    from locallearn.run import Trainer, run
+    from locallearn.runner import Trainer, run
     from locallearn.types import Masked
 
 _HOME = {  # public name -> the module that defines it
@@ -35,8 +35,8 @@ _HOME = {  # public name -> the module that defines it
     "BackpropEngine": "locallearn.engines", "LocalEngine": "locallearn.engines",
     "build_engine": "locallearn.engines", "evaluate": "locallearn.evaluate",
     "build_model": "locallearn.models", "LocalNet": "locallearn.network",
-    "Stage": "locallearn.network", "Trainer": "locallearn.run",
-    "build_net": "locallearn.build", "run": "locallearn.run", "Masked": "locallearn.types",
+    "Stage": "locallearn.network", "Trainer": "locallearn.runner",
+    "build_net": "locallearn.build", "run": "locallearn.runner", "Masked": "locallearn.types",
     "register_model": "locallearn.models",
 }
 

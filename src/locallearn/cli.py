@@ -26,7 +26,7 @@ from locallearn.report import compare_table, fmt, mib, table
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from locallearn.run import run
+    from locallearn.runner import run
 
     overrides = list(args.overrides)
     if args.data_dir:
@@ -199,7 +199,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from locallearn.run import run
+    from locallearn.runner import run
 
     summaries = []
     for engine, k in (("backprop", 4), ("local", 4)):

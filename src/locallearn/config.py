@@ -229,6 +229,13 @@ def validate(cfg: RunConfig) -> None:
         from locallearn.difficulty import check_config as check_difficulty
 
         check_difficulty(cfg)
+    if cfg.engine.checkpoint != "none" and cfg.engine.name != "backprop":
+        raise ConfigError(f"engine.checkpoint={cfg.engine.checkpoint} recomputes activations of "
+                          f"end-to-end BP: use it with engine=backprop (not {cfg.engine.name})")
+    if cfg.objective.options.get("momentum_aux"):
+        from locallearn.objectives.momentum import check_config as check_momentum
+
+        check_momentum(cfg)
     if cfg.objective.name == "simclr" and cfg.engine.micro_batches > 1:
         raise ConfigError("objective=simclr pairs the two halves of a batch ([view1; view2]); "
                           "micro-batches would split the pairs: set engine.micro_batches=1")
