@@ -418,10 +418,20 @@ def start(run: Run, runs: Path, threads: int, device: str) -> subprocess.Popen[b
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     log = open(folder.with_name(folder.name + ".log"), "ab")
     proc = subprocess.Popen(command(run, runs, threads, device), cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT, preexec_fn=_default_sigint)
     log.close()
     _pid_file(run, runs).write_text(f"{proc.pid}\n")
     return proc
+
+
+def _default_sigint() -> None:
+    """In the child before exec: let SIGINT reach it even when the driver runs in the
+    background (where the shell starts it with SIGINT ignored, which children inherit)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def advance(plan: list[Run], runs: Path, jobs: int, threads: int, device: str,
@@ -470,7 +480,7 @@ def _stop(active: dict[subprocess.Popen[bytes], Run], runs: Path) -> None:
             proc.send_signal(signal.SIGINT)
     for proc, r in active.items():
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -725,6 +735,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(" ".join(f"'{c}'" if " " in c or "{" in c else c
                                for c in command(r, threads=a.threads, device=a.device)))
         return 0
+    # SIGTERM (`kill <pid>`) and SIGINT, even in the background, stop the runs like Ctrl-C
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     failures = advance(plan, RUNS, a.jobs, a.threads, a.device, rerender)
     rerender()
     print_status(status(protocol, a.only, jobs=a.jobs), a.jobs)
