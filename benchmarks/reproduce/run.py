@@ -404,8 +404,10 @@ def command(run: Run, runs: Path = RUNS, threads: int = 1, device: str = "") -> 
     """The CLI command that starts ``run`` afresh or continues it from its checkpoint."""
     base = [sys.executable, "-m", "locallearn", "train"]
     folder = run.folder(runs)
-    if (folder / "checkpoint.pt").is_file():  # resumed runs keep their saved config
-        return [*base, "--resume", str(folder), f"train.epochs={run.protocol.epochs}"]
+    if (folder / "checkpoint.pt").is_file():  # resumed runs keep their saved config, but the
+        # data may have moved (another machine) and the threads are this invocation's
+        return [*base, "--resume", str(folder), f"train.epochs={run.protocol.epochs}",
+                f"data.data_dir={DATA_DIR}", f"engine.threads={threads}"]
     return [*base, *run.overrides(runs, threads, device)]
 
 
