@@ -171,18 +171,19 @@ def test_a_method_has_the_objective_section_of_the_preset_it_follows(method):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("model,k", [("resnet32", 2), ("resnet110", 16)])
 @pytest.mark.parametrize("method", list(rp.METHODS))
-def test_every_method_of_the_matrix_trains_a_tiny_epoch(method, tmp_path):
+def test_every_method_of_the_matrix_trains_a_tiny_epoch(method, model, k, tmp_path):
     import locallearn as ll
 
     cfg = ll.load_config(None, [
-        "model=resnet32", "model.options={width: 0.25}", *rp.method_overrides(method, 2),
-        "data=digits", "data.train_subset=64", "data.test_subset=32", "data.batch_size=32",
-        "train.epochs=1", "train.progress=false", "train.checkpoint=false",
-        f"train.out_dir={tmp_path}"])
-    run = ll.run
+        f"model={model}", "model.options={width: 0.25}", *rp.method_overrides(method, k),
+        "data=synthetic", "data.options={shape: [3, 32, 32], n_train: 64, n_test: 32}",
+        "data.batch_size=32", "data.augment=basic", "train.epochs=1", "train.progress=false",
+        "train.checkpoint=false", f"train.out_dir={tmp_path}"])
+    run = ll.run if callable(ll.run) else ll.run.run  # the function, while locallearn.run moves
     summary, _ = run(cfg)
-    assert summary["final_acc"] is not None
+    assert summary["final_acc"] is not None and summary["k"] == (1 if method == "bp" else k)
 
 
 FAKE_TRAIN = """
