@@ -489,7 +489,7 @@ def _stop(active: dict[subprocess.Popen[bytes], Run], runs: Path) -> None:
         _pid_file(r, runs).unlink(missing_ok=True)
 
 
-def measure(protocol: Protocol, steps: int, only: Sequence[str], threads: int,
+def measure(protocol: Protocol, steps: int, only: Sequence[str], threads: int, device: str = "",
             budget_hours: float = 8.0, jobs: int = 2) -> dict[str, Any]:
     """Time ``steps`` optimizer steps of each cell (seed 0) through the CLI; write measure.json.
 
@@ -505,7 +505,7 @@ def measure(protocol: Protocol, steps: int, only: Sequence[str], threads: int,
     cells: dict[str, Any] = {}
     steps_per_epoch = math.ceil(protocol.train_size / protocol.batch)
     for run in [r for r in matrix(protocol, only) if r.seed == protocol.seeds[0]]:
-        cmd = [sys.executable, "-m", "locallearn", "train", *run.overrides(scratch, threads),
+        cmd = [sys.executable, "-m", "locallearn", "train", *run.overrides(scratch, threads, device),
                "train.epochs=1", "train.checkpoint=false", f"data.train_subset={steps * protocol.batch}",
                "data.test_subset=256"]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -517,7 +517,7 @@ def measure(protocol: Protocol, steps: int, only: Sequence[str], threads: int,
             print(f"{run.name}: failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
             continue
         cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-        share = min(1.0, cpu / wall / threads)
+        share = 1.0 if device.startswith("cuda") else min(1.0, cpu / wall / threads)  # GPU: as is
         step = rows[0]["epoch_seconds"] / steps
         cells[run.cell] = {"step_seconds_measured": step, "cpu_share": share,
                            "step_seconds": step * share,
@@ -727,7 +727,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for method in dict.fromkeys(r.method for r in plan):
         check_method(method, protocol)
     if a.measure:
-        measure(protocol, a.measure, a.only, a.threads)
+        measure(protocol, a.measure, a.only, a.threads, a.device)
         return 0
     if a.dry_run:
         for r in plan:
