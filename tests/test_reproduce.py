@@ -207,3 +207,16 @@ def test_advance_runs_what_is_left_jobs_at_a_time_and_counts_failures(tmp_path, 
     assert [rp.state(r, tmp_path) for r in plan] == ["done", "left"]
     assert not list((tmp_path / p.name).glob("*.pid"))
     assert (tmp_path / p.name / f"{plan[1].name}.log").is_file()
+
+
+def test_a_protocol_without_width_or_with_its_own_optimizer_and_methods():
+    p = rp.Protocol("t", "test", ("lstm",), width=None, epochs=3, batch=64, lr=1e-3,
+                    cells=(("bp", 1), ("scpl", 4)), seeds=(0,), data=("data=sst2",),
+                    optim=("optim=adam",), methods={**rp.METHODS, "scpl": ("objective=supcon",)},
+                    split_by="count")
+    run = rp.matrix(p)[1]
+    overrides = run.overrides()
+    assert not any(o.startswith("model.options") for o in overrides)
+    assert "optim=adam" in overrides and "optim.lr=0.001" in overrides
+    assert "optim=sgd" not in overrides
+    assert overrides[overrides.index("objective=supcon") + 1:][:2] == ["split.k=4", "split.by=count"]
