@@ -1,6 +1,9 @@
 """The public Python API: the README example runs, schedules, optimizers and ensembles."""
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,14 +18,22 @@ from locallearn.optim import build_optimizer, lr_factor
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_python_example_runs(monkeypatch, tmp_path):
+def test_readme_python_example_runs_as_a_script_on_real_workers(tmp_path):
+    """The README's Python example, saved as a user's script and run: its pipeline starts
+    real worker processes, which import the script's own modules."""
     code = re.search(r"## Python API\n\n```python\n(.*?)```", README.read_text(), re.S).group(1)
-    code = code.replace('"train.epochs=5"', '"train.epochs=1", "train.progress=false"')
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
-    assert len(namespace["summary"]["stage_acc"]) == 4
-    assert namespace["summary"]["final_acc"] > 10  # better than chance after one epoch
+    assert 'train={"epochs": 5}' in code
+    code = code.replace('train={"epochs": 5}', 'train={"epochs": 1, "progress": False}')
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    stages, final, efficiency = re.fullmatch(r"\[(.*)\] (\S+) (\S+)",
+                                             done.stdout.strip().splitlines()[-1]).groups()
+    assert len(stages.split(",")) == 2  # K=2 stage accuracies
+    assert float(final) > 10 and 0 < float(efficiency) <= 1  # better than chance; 2 workers
 
 
 def test_lr_schedules():

@@ -48,7 +48,7 @@ from locallearn.measure import SavedTensorsMeter, cuda_peak_bytes, peak_rss_byte
 from locallearn.network import LocalNet
 from locallearn.optim import build_optimizer, build_scheduler
 from locallearn.probe import is_self_supervised, probe_net, record_probe
-from locallearn.types import Activation
+from locallearn.types import Activation, map_tensors
 
 log = logging.getLogger("locallearn")
 FAULT_ENV = "LOCALLEARN_FAULT"  # tests: "rank:step:kind" with kind exit, raise or hang
@@ -268,7 +268,8 @@ class Trainer:
         """One epoch of training batches; with ``views`` > 1 (self-supervised objectives)
         each batch is ``[view1; view2; ...]`` of the same images, labels repeated alike."""
         if self.train_data is not None:
-            return ((x.to(self.device), y.to(self.device)) for x, y in self.train_data)
+            return ((map_tensors(lambda t: t.to(self.device), x), y.to(self.device))
+                    for x, y in self.train_data)
         augment = self.augment if self.views == 1 else stack_views(self.augment, self.views)
         out = batches(self.data.train, self.cfg.data.batch_size, shuffle=True,
                       generator=self.generator, device=self.device, augment=augment,
@@ -447,7 +448,8 @@ class Trainer:
         self.engine.active = active
         if self._train_costs is None and self.first:
             x, y = next(iter(self.test_batches()))
-            self._train_costs = stage_train_costs(self.net, x[:32], y[:32])
+            self._train_costs = stage_train_costs(self.net, map_tensors(lambda t: t[:32], x),
+                                                  y[:32])
         if not self.first:
             return {}
         assert self._train_costs is not None

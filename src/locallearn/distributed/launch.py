@@ -160,7 +160,7 @@ def train_in_workers(net: Any, data: Any, cfg: RunConfig, run_dir: Path | None =
     ship = Shipped(net, options.get("optimizers"), data, data_spec(data), options.get("train_data"))
     check_shippable(ship)
     keep = run_dir is not None
-    folder = Path(run_dir) if keep else Path(tempfile.mkdtemp(prefix="locallearn-run-"))
+    folder = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="locallearn-run-"))
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint=True))
     try:
         spawn_workers(cfg, None, folder, ship=ship)
