@@ -106,7 +106,8 @@ class Interrupted(RunError):
         saved = (f"the checkpoint of epoch {epoch} is in {run_dir}; continue with: "
                  f"locallearn train --resume {run_dir}") if epoch else \
             "no epoch had finished, so nothing was saved"
-        super().__init__(f"stopped by the user (Ctrl-C) in epoch {epoch + 1}: {saved}")
+        super().__init__(f"stopped by the user (Ctrl-C) after {epoch} finished epoch"
+                         f"{'' if epoch == 1 else 's'}: {saved}")
 
 
 def resolve_run(cfg: RunConfig, resume: str | Path | None = None) -> tuple[RunConfig, Path]:
