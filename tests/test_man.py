@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import locallearn as ll
+from locallearn import runs
 from locallearn.engines import LocalEngine
 from locallearn.models import build_model
 from locallearn.network import LocalNet
@@ -67,13 +68,29 @@ def test_the_ema_tracks_the_next_stage_by_p_ema_equals_m_p_ema_plus_one_minus_m_
     assert not torch.equal(expected[0], source[0])  # it lags behind the weights it follows
 
 
-def test_bad_momentum_and_the_pipeline_are_refused_with_the_key_named():
+def test_bad_momentum_and_width_groups_are_refused_with_the_key_named():
     with pytest.raises(ValueError, match="momentum_aux"):
         _net(3, 1.5)
-    cfg = ll.load_config(None, ["engine=pipeline", "objective.options={momentum_aux: 0.99}"])
-    with pytest.raises(ValueError, match="momentum_aux.*engine=local"):
-        check_config(cfg)
-    check_config(ll.load_config(None, ["engine=local", "objective.options={momentum_aux: 0.99}"]))
+    with pytest.raises(ValueError, match="momentum_aux.*split.groups=1"):
+        ll.load_config(None, ["split.groups=2", "objective.options={momentum_aux: 0.99}"])
+    for engine in ("local", "pipeline"):
+        check_config(ll.load_config(None, [f"engine={engine}", "objective.options={momentum_aux: 0.99}"]))
+
+
+def test_man_on_the_pipeline_sends_weights_and_equals_the_sequential_engine(tmp_path):
+    """Stage 2's first block travels to stage 1's rank after every step (parameters only):
+    the momentum copies, and so every weight, are those of engine=local."""
+    args = ["model=resnet20", "model.options={width: 0.25}", "split.k=2", "objective.head=0c1f",
+            "objective.options={momentum_aux: 0.9}", "data.train_subset=128",
+            "data.test_subset=64", "data.batch_size=32", "train.epochs=1", "train.progress=false",
+            "engine.threads=1", f"train.out_dir={tmp_path}"]
+    _, piped = ll.run(ll.load_config(None, [*args, "engine=pipeline", "engine.workers=2",
+                                            "train.name=pipe"]))
+    _, local = ll.run(ll.load_config(None, [*args, "engine=local", "train.name=local"]))
+    a, b = runs.load_checkpoint(piped)["net"], runs.load_checkpoint(local)["net"]
+    assert any("ema" in name for name in a)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_the_preset_trains_for_an_epoch(tmp_path):

@@ -106,6 +106,8 @@ class EngineConfig:
                                           # (empty: cuda:<local rank> if CUDA is available, else cpu)
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # pipeline: auto = nccl if every rank has a GPU
     micro_batches: int = 1                # pipeline: parts per batch (gradients accumulate, one update)
+    share_every: int = 1                  # pipeline: steps between sending each rank's first block
+                                          # to the rank before (MAN's momentum copies; 1 = exact)
     queue: int = 2                        # pipeline: packets in flight per link (send and receive)
     timeout: float = 300.0                # pipeline: seconds a worker waits for a peer before failing
 
@@ -207,6 +209,7 @@ def validate(cfg: RunConfig) -> None:
     positive = {"split.k": cfg.split.k, "data.batch_size": cfg.data.batch_size,
                 "train.epochs": cfg.train.epochs, "engine.workers": cfg.engine.workers,
                 "engine.micro_batches": cfg.engine.micro_batches, "engine.queue": cfg.engine.queue,
+                "engine.share_every": cfg.engine.share_every,
                 "split.groups": cfg.split.groups}
     for key, v in positive.items():
         if v < 1:

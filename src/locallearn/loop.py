@@ -309,6 +309,7 @@ class Trainer:
             else:
                 losses = engine.step(self.net, self.optimizers, x, y)
             self.check_finite(losses)
+            engine.share_weights(self.net, self.epoch * self.steps_per_epoch + i)
             self.net.update_momentum()  # momentum copies of the next stage (MAN) follow it
             self.step_schedules()
             for j, v in enumerate(losses):

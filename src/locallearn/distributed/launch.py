@@ -402,7 +402,8 @@ def build_trainer(setup: Setup, data: Any, env: WorkerEnv, device: torch.device,
               if env.rank < env.world - 1 else None)
     needs = {j for k in range(mine.stop, net.k) for j in net.needs(k)} if net.needs_trail else set()
     update = StageUpdate(resolve_config(cfg.train, device))
-    engine = PipelineEngine(mine, inbox, outbox, e.micro_batches, sorted(needs), device, update)
+    engine = PipelineEngine(mine, inbox, outbox, e.micro_batches, sorted(needs), device, update,
+                            control, e.share_every)
     return Trainer(net, data, cfg, Path(setup.run_dir), engine,
                    optimizers=ship.optimizers if ship is not None else None,
                    train_data=ship.train_data if ship is not None else None,

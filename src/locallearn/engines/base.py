@@ -81,6 +81,11 @@ class Engine(Protocol):
         """Start an epoch (the pipeline restarts its clocks)."""
         ...
 
+    def share_weights(self, net: LocalNet, step: int) -> None:
+        """Bring the weights of other ranks' stages that this rank's objectives follow up to
+        date (MAN's momentum copies), after training step ``step``."""
+        ...
+
     def end_epoch(self) -> dict[str, Any]:
         """End an epoch: wait for what is in flight; the engine's own figures
         (``stage_seconds``: compute seconds per stage index, where it times them)."""
@@ -127,6 +132,9 @@ class InProcess:
 
     def begin_epoch(self) -> None:
         """Nothing to restart."""
+
+    def share_weights(self, net: LocalNet, step: int) -> None:
+        """Every stage is here: nothing to send."""
 
     def end_epoch(self) -> dict[str, Any]:
         return {}

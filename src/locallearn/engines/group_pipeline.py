@@ -295,6 +295,9 @@ class GroupPipelineEngine:
     def begin_epoch(self) -> None:
         self.reset_clock()
 
+    def share_weights(self, net: Any, step: int) -> None:
+        """Nothing to send: momentum copies are refused with width groups (config)."""
+
     def end_epoch(self) -> dict[str, Any]:
         return {"stage_seconds": dict(self.stage_seconds)}
 

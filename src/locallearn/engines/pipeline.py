@@ -145,10 +145,12 @@ class PipelineEngine:
 
     def __init__(self, stages: range, inbox: Inbox | None = None, outbox: Outbox | None = None,
                  micro_batches: int = 1, downstream_needs: Sequence[int] = (),
-                 device: torch.device | str = "cpu", update: StageUpdate | None = None) -> None:
+                 device: torch.device | str = "cpu", update: StageUpdate | None = None,
+                 comm: Any = None, share_every: int = 1) -> None:
         if micro_batches < 1:
             raise ValueError(f"engine.micro_batches={micro_batches} must be at least 1")
         self.update = update or StageUpdate()
+        self.comm, self.share_every = comm, share_every  # MAN: the control group (share_weights)
         self.stages, self.inbox, self.outbox = stages, inbox, outbox
         self.micro_batches = micro_batches
         self.downstream_needs = set(downstream_needs)
@@ -323,6 +325,28 @@ class PipelineEngine:
     # -- bookkeeping -----------------------------------------------------------------
     def begin_epoch(self) -> None:
         self.reset_clock()
+
+    def share_weights(self, net: LocalNet, step: int) -> None:
+        """Every ``share_every`` steps, hand each rank's first block to the rank before it.
+
+        Only for nets whose objectives follow the next stage (MAN): every rank sends the
+        parameters and buffers of its first stage's first block (never gradients) through
+        the control group, and the rank before loads them into its own copy of that
+        block, which its momentum copy then follows. The exchange is a collective, so it
+        happens after every rank's step ``step``: with ``share_every=1`` the copies see
+        exactly the weights the sequential engine's do; larger intervals trade that
+        freshness for fewer synchronisations (the copy follows weights up to
+        ``share_every - 1`` steps old).
+        """
+        if self.comm is None or not net.follows_next or (step + 1) % self.share_every:
+            return
+        first = net.stages[self.stages.start]
+        block = next(iter(first.body.children()))
+        mine = (self.stages.start, {n: t.detach().cpu() for n, t in block.state_dict().items()})
+        for start, state in self.comm.all_gather(mine):
+            if start == self.stages.stop:  # the rank after this one
+                after = next(iter(net.stages[start].body.children()))
+                after.load_state_dict(state)
 
     def end_epoch(self) -> dict[str, Any]:
         self.flush()

@@ -80,7 +80,7 @@ class MomentumAux(Objective):
                  *zip(self.ema.buffers(), source.buffers())]
         for mine, theirs in pairs:
             if mine.is_floating_point():
-                mine.mul_(m).add_(theirs.detach().to(mine.dtype), alpha=1 - m)
+                mine.mul_(m).add_(theirs.detach().to(mine.device, mine.dtype), alpha=1 - m)
             else:
                 mine.copy_(theirs)
 
@@ -106,17 +106,23 @@ def build_momentum_objective(name: str, in_shape: tuple[int, ...], num_classes: 
 
 
 def check_config(cfg: Any) -> None:
-    """Refuse MAN where stage k+1's weights are not at hand (the pipeline, for now).
+    """Refuse MAN where stage k+1's weights are not at hand (width-group nodes).
+
+    In the stage pipeline every rank sends its first block's parameters and buffers to
+    the rank before it every ``engine.share_every`` steps (never gradients); see
+    :meth:`locallearn.engines.pipeline.PipelineEngine.share_weights`.
 
     Raises:
-        ConfigError: for ``objective.options.momentum_aux`` with ``engine=pipeline``.
+        ConfigError: for ``objective.options.momentum_aux`` with ``engine.placement=groups``
+            or ``split.groups > 1``.
     """
-    if cfg.objective.options.get("momentum_aux") and cfg.engine.name == "pipeline":
+    if cfg.objective.options.get("momentum_aux") and (
+            cfg.split.groups > 1 or cfg.engine.placement == "groups"):
         from locallearn.errors import ConfigError
 
-        raise ConfigError("objective.options.momentum_aux (MAN) needs stage k+1's weights on "
-                          "stage k's rank, which engine=pipeline does not send yet: use "
-                          "engine=local, or drop momentum_aux")
+        raise ConfigError("objective.options.momentum_aux (MAN) follows the next stage's first "
+                          "block, which width groups split across nodes: use split.groups=1, "
+                          "or drop momentum_aux")
 
 
 WRAPPERS["momentum_aux"] = build_momentum_objective
