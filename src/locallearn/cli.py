@@ -70,7 +70,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(f"final {fmt(result['final_acc'])} %  ensemble uniform {fmt(result['ens_uniform'])} %"
           f"  ensemble 2^k {fmt(result['ens_weighted'])} %  ({result['n']} test samples)")
     if args.exit or args.exit_stage or args.threshold is not None:
-        _eval_exits(args, net, test_batches)
+        with options_of("eval"):  # a stage out of range or without a predictor
+            _eval_exits(args, net, test_batches)
     return 0
 
 
