@@ -110,12 +110,12 @@ class LocalNet(nn.Module):
         return (list(cast(StageContext, ctx).needs())
                 if ctx is not None and hasattr(ctx, "needs") else [])
 
-    @torch.no_grad()
     @property
     def follows_next(self) -> bool:
         """True if some stage's objective follows the next stage's weights (MAN)."""
         return any(hasattr(s.objective, "update_momentum") for s in self.stages[:-1])
 
+    @torch.no_grad()
     def update_momentum(self) -> None:
         """Move every momentum copy (MAN) towards the next stage's first block.
 
