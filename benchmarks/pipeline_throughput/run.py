@@ -166,6 +166,124 @@ def ddp(ctx: Any, cfg: list[str], workers: int) -> list[dict[str, Any]]:
     return rows
 
 
+# -- peers: torch.distributed.pipelining (GPipe, 1F1B) and checkpointed BP -----------------------
+
+def pinned_cut(model: str) -> int:
+    """The K=2 cut of ``model`` balanced by MACs: fixed, so every peer splits alike."""
+    from locallearn.models import build_model
+    from locallearn.split import find_cuts
+
+    (cut,) = find_cuts(build_model(model.split("-")[0], (3, 32, 32), 10,
+                                   **({"width": 0.5} if "w0.5" in model else {})), 2, "macs")
+    return cut
+
+
+def _pipelining_worker(rank: int, world: int, init: str, cfg_overrides: list[str], schedule: str,
+                       micro: int, queue: Any) -> None:
+    """One rank of end-to-end BP as a 2-stage torch.distributed.pipelining pipeline."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    from locallearn.config import load_config
+    from locallearn.data import batches
+    from locallearn.train import build_data, build_net
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=300))
+    cfg = load_config(None, cfg_overrides)  # split.k=2 at the pinned cut
+    torch.manual_seed(cfg.train.seed)
+    data = build_data(cfg)
+    net = build_net(cfg, data)
+    last = net.stages[1]
+    part = net.stages[0].body if rank == 0 else nn.Sequential(last.body, last.objective.head)
+    mb = cfg.data.batch_size // micro
+    # Explicit example tensors: with shape inference the warm-up runs stage 2 on an
+    # uninitialised buffer, which leaves NaN BatchNorm running statistics.
+    # In this static mode the examples' requires_grad is the metadata: outputs and stage 2's
+    # input must require grad, or no gradient travels back to stage 1.
+    example_in = torch.zeros(mb, *(net.stages[rank].in_shape), requires_grad=rank > 0)
+    example_out = torch.zeros(mb, *(net.stages[0].out_shape) if rank == 0 else
+                              (net.num_classes,), requires_grad=True)
+    stage = PipelineStage(part, rank, world, torch.device("cpu"), input_args=example_in,
+                          output_args=example_out)
+    kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
+    sched = kind(stage, n_microbatches=micro, loss_fn=F.cross_entropy)
+    opt = torch.optim.SGD(part.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                          weight_decay=cfg.optim.weight_decay)
+    g = torch.Generator().manual_seed(0)
+    rates = []
+    for _ in range(cfg.train.epochs):
+        dist.barrier()
+        start, n = time.perf_counter(), 0
+        for x, y in batches(data.train, cfg.data.batch_size, shuffle=True, generator=g,
+                            mean=data.meta["mean"], std=data.meta["std"], drop_last=True):
+            opt.zero_grad(set_to_none=True)
+            if rank == 0:
+                sched.step(x)
+            else:
+                sched.step(target=y, losses=[])
+            opt.step()
+            n += len(y)
+        dist.barrier()
+        rates.append({"samples_per_s": n / (time.perf_counter() - start)})
+    finite = all(bool(torch.isfinite(b).all()) for b in part.buffers() if b.is_floating_point())
+    if rank == world - 1:
+        queue.put([{**r, "finite_bn": finite} for r in rates])
+    dist.destroy_process_group()
+
+
+def pipelining(ctx: Any, cfg: list[str], schedule: str, micro: int) -> list[dict[str, Any]]:
+    """torch.distributed.pipelining BP on 2 workers x 1 thread; one row per epoch."""
+    from locallearn.distributed.launch import free_port
+
+    queue = ctx.SimpleQueue()
+    init = f"tcp://127.0.0.1:{free_port()}"
+    procs = [ctx.Process(target=_pipelining_worker, args=(r, 2, init, cfg, schedule, micro, queue))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    rows = queue.get()
+    for p in procs:
+        p.join()
+    return rows
+
+
+def peers_table(ctx: Any, out: str, batch: int, steps: int, epochs: int,
+                models: list[str]) -> list[list[Any]]:
+    """Our pipeline beside DDP, GPipe, 1F1B and checkpointed BP: same model, cut, workers, batch."""
+    rows = []
+    for model in models:
+        cut = pinned_cut(model)
+        cfg = [o for o in overrides(model, batch, steps, epochs, out) if o != "split.by=time"]
+        pinned = [*cfg, "split.by=cuts", f"split.cuts=[{cut}]"]
+        print(f"{model} (cut after block {cut})", flush=True)
+        bp = [*cfg, "engine=backprop", "split.k=1"]
+        m = {"BP, 1 process x 1 thread": measure("bp 1x1", lambda: single(ctx, bp, 1)),
+             "BP, 1 process x 2 threads": measure("bp 1x2", lambda: single(ctx, bp, 2)),
+             "checkpointed BP (blocks), 1 x 1 thread": measure("ckpt bp 1x1", lambda: single(
+                 ctx, [*bp, "engine.checkpoint=blocks"], 1)),
+             "checkpointed BP (blocks), 1 x 2 threads": measure("ckpt bp 1x2", lambda: single(
+                 ctx, [*bp, "engine.checkpoint=blocks"], 2)),
+             "DDP BP, 2 workers x 1 thread": measure("ddp 2x1", lambda: ddp(ctx, cfg, 2))}
+        for sched, name in (("gpipe", "GPipe"), ("1f1b", "1F1B")):
+            for micro in (2, 4):
+                m[f"{name} BP (torch pipelining), 2 x 1, m={micro}"] = measure(
+                    f"{sched} m={micro}", lambda: pipelining(
+                        ctx, [*pinned, "split.k=2"], sched, micro))
+        for micro in (1, 2, 4):
+            m[f"our pipeline K=2, 2 x 1, m={micro}"] = measure(
+                f"pipeline m={micro}", lambda: pipeline(pinned, 2, micro))
+        base = m["DDP BP, 2 workers x 1 thread"]["images_per_s"]
+        for mode, r in m.items():
+            rows.append([model, cut, mode, r["images_per_s"], r["images_per_s"] / base,
+                         r["efficiency"], r["saved_mib"], r["finite_bn"], r["load"]])
+    return rows
+
+
 # -- the tables ---------------------------------------------------------------------------
 
 def measure(name: str, fn: Any) -> dict[str, Any]:
@@ -173,7 +291,10 @@ def measure(name: str, fn: Any) -> dict[str, Any]:
     rows = fn()
     out = {"images_per_s": median_rate(rows), "load": load,
            "efficiency": median_rate(rows, "pipeline_efficiency")
-           if "pipeline_efficiency" in rows[0] else None}
+           if "pipeline_efficiency" in rows[0] else None,
+           "saved_mib": max(r["saved_bytes_peak"] for r in rows) / 2**20
+           if rows[0].get("saved_bytes_peak") else None,
+           "finite_bn": rows[0].get("finite_bn")}
     print(f"  {name:<34} {out['images_per_s']:8.1f} images/s   load {load:.2f}", flush=True)
     return out
 
@@ -265,6 +386,8 @@ def main() -> None:
     p.add_argument("--scaling-steps", type=int, default=10, help="steps per epoch (scaling)")
     p.add_argument("--epochs", type=int, default=4, help="epochs per measurement (1 warm-up)")
     p.add_argument("--quick", action="store_true", help="a smoke test: 2 steps, 2 epochs")
+    p.add_argument("--models", nargs="+", default=["vgg11-w0.5", "resnet20"],
+                   help="models of the peers part")
     a = p.parse_args()
     if a.quick:
         a.steps, a.scaling_steps, a.epochs = 2, 2, 2
@@ -293,6 +416,17 @@ def main() -> None:
                 "model", "mode", "images/s", "speedup vs best 1-process BP",
                 "pipeline efficiency", "load avg"], rows,
                 {**common, "steps": f"{a.steps} steps per epoch"}))
+        if "peers" in a.parts:
+            rows = peers_table(ctx, out, a.batch, a.steps, a.epochs, a.models)
+            print(write_results(HERE, "peers", [
+                "model", "cut", "mode", "images/s", "vs DDP", "pipeline efficiency",
+                "saved act MiB (peak, 1 step)", "BN stats finite", "load avg"], rows,
+                {**common, "steps": f"{a.steps} steps per epoch",
+                 "cut": "K=2 cut pinned for every mode (balanced by MACs, split.by=cuts)",
+                 "peers": "GPipe / 1F1B: torch.distributed.pipelining, end-to-end BP, 2 "
+                          "stages on 2 workers x 1 thread over gloo, explicit example "
+                          "inputs/outputs; checkpointed BP: engine.checkpoint=blocks "
+                          "(torch.utils.checkpoint per block, use_reentrant=False)"}))
         if "groups" in a.parts:
             rows = groups_table(ctx, out, a.batch, a.steps, a.epochs)
             print(write_results(HERE, "groups", [
