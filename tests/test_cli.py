@@ -232,3 +232,10 @@ def test_a_relative_data_dir_is_saved_absolute_in_config_and_checkpoint(tiny_cfg
     want = str(tmp_path / "rel")
     assert runs.load_run_config(tmp_path / "a").data.data_dir == want
     assert runs.load_checkpoint(tmp_path / "a")["config"]["data"]["data_dir"] == want
+
+
+def test_a_bad_objective_option_is_a_one_line_user_error(tiny_cfg, capsys):
+    code = main(["train", *tiny_cfg, "objective=supcon", "objective.options={classifier: bad}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "objective 'supcon': supcon classifier='bad'" in err

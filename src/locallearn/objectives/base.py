@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from locallearn.errors import ConfigError
+from locallearn.errors import ConfigError, options_of
 from locallearn.models.blocks import Activation
 
 
@@ -64,7 +64,8 @@ def build_objective(name: str, in_shape: tuple[int, ...], num_classes: int,
     the objective (MAN, :mod:`locallearn.objectives.momentum`).
 
     Raises:
-        ValueError: for an unknown name (the message lists the choices).
+        ConfigError: for an unknown name (the message lists the choices) or an option
+            the builder does not take or rejects.
     """
     # the builders are registered by importing locallearn.objectives, which runs before
     # this module is imported (a package's __init__ runs before its submodules)
@@ -77,4 +78,5 @@ def build_objective(name: str, in_shape: tuple[int, ...], num_classes: int,
     fn = OBJECTIVES[name][0]
     takes = inspect.signature(fn).parameters
     options = {k: v for k, v in options.items() if k not in STAGE_KEYS or k in takes}
-    return fn(in_shape, num_classes, **options)
+    with options_of(f"objective {name!r}"):  # a bad option value is the user's to fix
+        return fn(in_shape, num_classes, **options)
