@@ -239,3 +239,8 @@ def test_a_bad_objective_option_is_a_one_line_user_error(tiny_cfg, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert "objective 'supcon': supcon classifier='bad'" in err
+
+
+def test_a_probe_grid_below_one_is_a_user_error(tmp_path, capsys):
+    assert main(["probe", str(tmp_path), "--grid", "0"]) == 2
+    assert "--grid 0 is not allowed" in capsys.readouterr().err

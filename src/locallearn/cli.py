@@ -117,6 +117,8 @@ def _eval_exits(args: argparse.Namespace, net: Any, test_batches: Callable[[], A
 def _cmd_probe(args: argparse.Namespace) -> int:
     from locallearn.probe import probe_run
 
+    if args.grid < 1:
+        raise ConfigError(f"--grid {args.grid} is not allowed: it must be at least 1")
     result = probe_run(args.run, data_dir=args.data_dir, train_subset=args.train_subset,
                        test_subset=args.test_subset, grid=args.grid, weight_decay=args.weight_decay)
     print(table(["stage", "probe acc %", "effective rank", "feature dim"],
