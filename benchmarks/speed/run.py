@@ -219,7 +219,8 @@ def parity_part(a: argparse.Namespace, meta: dict[str, Any]) -> None:
                     load = os.getloadavg()[0]
                     cfg = load_config(None, [*parity_overrides(a, out), *extra,
                                              f"train.precision={prec}",
-                                             f"train.channels_last={prec}",
+                                             "train.channels_last="
+                                             + ("auto" if prec == "auto" else "false"),
                                              f"train.seed={seed}"])
                     start = time.perf_counter()
                     summary, run_dir = run(cfg)
