@@ -199,7 +199,7 @@ def autocast(choice: Choice) -> contextlib.AbstractContextManager[Any]:
 
 def to_channels_last(module: nn.Module) -> nn.Module:
     """``module`` with every 4-D parameter and buffer in channels-last format (in place)."""
-    return module.to(memory_format=torch.channels_last)
+    return module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
 def input_channels_last(x: Any) -> Any:
@@ -331,7 +331,7 @@ class PrecisionUpdate:
         scaler.step(optimizer)
         self._stepped.add(id(scaler))
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[int, Any]:
         """The fp16 scalers' state (empty otherwise), for checkpoints."""
         for s in self.scalers.values():
             if id(s) in self._stepped:
