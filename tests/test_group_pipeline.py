@@ -1,19 +1,22 @@
-"""Group-parallel pipeline: K=2 stages x G=2 groups on 4 ranks (threads joined by gloo) equal the
-sequential engine, in training, evaluation and the merged checkpoint; node <-> stage state maps."""
+"""Group-parallel pipeline: K=2 stages x G=2 groups on 4 worker processes (the pipeline
+executor given (stage, group) nodes, real links and sibling groups) equal the sequential
+engine, in training, evaluation and the merged checkpoint; node <-> stage state maps."""
 
 from __future__ import annotations
 
-import threading
 from datetime import timedelta
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
+from locallearn.distributed.comm import Inbox, Outbox
+from locallearn.distributed.group_worker import node_rank
 from locallearn.engines import LocalEngine
-from locallearn.engines.group_pipeline import GroupPipelineEngine, node_rank
-from locallearn.engines.pipeline import EvalTally, merge_tallies
+from locallearn.engines.pipeline import EvalTally, PipelineEngine, merge_tallies
 from locallearn.evaluate import evaluate
 from locallearn.groups import (
     group_nodes,
@@ -35,39 +38,49 @@ def sgd(params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
 
 
-def run_ranks(nodes: list[list], data: list, test: list) -> tuple[list, list, list]:
-    """Train every node on its own thread and gloo rank, then evaluate through the nodes.
+def node_worker(r: int, init: str, nodes: list[list], data: list, test: list, out: str) -> None:
+    """Rank ``r`` of K x G worker processes: node (k, g) with its real links and siblings."""
+    torch.set_num_threads(1)
+    world = K * G
+    dist.init_process_group("gloo", init_method=init, rank=r, world_size=world,
+                            timeout=timedelta(seconds=60))
+    k, g = divmod(r, G)
+    siblings = [dist.new_group([s * G + j for j in range(G)]) for s in range(K)]
+    wire, here = torch.device("cpu"), torch.device("cpu")
+    fan_in = [Inbox(node_rank(k - 1, j, G), None, wire, here, 2, 60) for j in range(G)] if k \
+        else ([Inbox(0, None, wire, here, 2, 60)] if g else [])
+    fan_out = [Outbox(node_rank(k + 1, j, G), None, wire, 2, 60) for j in range(G)] \
+        if k + 1 < K else []
+    handoff = [Outbox(node_rank(0, j, G), None, wire, 2, 60) for j in range(1, G)] if r == 0 else []
+    engine = PipelineEngine(range(k, k + 1), fan_in=fan_in, fan_out=fan_out, handoff=handoff,
+                            node=nodes[k][g], siblings=siblings[k])
+    opts = [sgd(nodes[k][g].parameters()) if j == k else None for j in range(K)]
+    loss, net = 0.0, SimpleNamespace(num_classes=10, k=K)  # a node holds its own parameters
+    for x, y in data:  # only rank 0 reads the data
+        loss = (engine.step(net, opts, x, y) if r == 0 else engine.step(net, opts))[k]
+    tally = EvalTally()
+    engine.evaluate_tally(net, tally, test if r == 0 else None)
+    engine.close()
+    torch.save({"loss": loss, "state": opts[k].state_dict(), "tally": tally,
+                "node": nodes[k][g].state_dict()}, f"{out}/rank{r}.pt")
+    dist.destroy_process_group()
+
+
+def run_ranks(nodes: list[list], data: list, test: list, tmp: Path) -> tuple[list, list, list]:
+    """Train every node in its own worker process (gloo), then evaluate through the nodes.
 
     Returns:
-        Every rank's last loss, optimizer state dict and evaluation tally.
+        Every rank's last loss, optimizer state dict and evaluation tally; the trained
+        nodes are loaded back into ``nodes``.
     """
-    store = dist.HashStore()
-    losses, states, tallies = [0.0] * (K * G), [None] * (K * G), [EvalTally() for _ in range(K * G)]
-    errors: list[BaseException] = []
-
-    def rank(k: int, g: int) -> None:
-        try:
-            r, wait = node_rank(k, g, G), timedelta(seconds=30)
-            world = dist.ProcessGroupGloo(dist.PrefixStore("world", store), r, K * G, wait)
-            siblings = dist.ProcessGroupGloo(dist.PrefixStore(f"stage{k}", store), g, G, wait)
-            engine = GroupPipelineEngine(nodes[k][g], k, K, world, siblings)
-            opts = [sgd(nodes[k][g].parameters()) if j == k else None for j in range(K)]
-            for x, y in data:  # only rank 0 reads the data
-                out = engine.step(None, opts, x, y) if r == 0 else engine.step(None, opts)
-                losses[r] = out[k]
-            states[r] = opts[k].state_dict()
-            engine.evaluate_tally(SimpleNamespace(num_classes=10), tallies[r], test if r == 0 else None)
-        except BaseException as e:  # re-raised by the test thread
-            errors.append(e)
-
-    threads = [threading.Thread(target=rank, args=(k, g)) for k in range(K) for g in range(G)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    if errors:
-        raise errors[0]
-    return losses, states, tallies
+    init = f"file://{tmp / 'rendezvous'}"
+    mp.start_processes(node_worker, args=(init, nodes, data, test, str(tmp)), nprocs=K * G,
+                       start_method="spawn")
+    done = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(K * G)]
+    for r, d in enumerate(done):
+        k, g = divmod(r, G)
+        nodes[k][g].load_state_dict(d["node"])
+    return [d["loss"] for d in done], [d["state"] for d in done], [d["tally"] for d in done]
 
 
 MIXED = {"detach_ratio": 0.5, "diversity_weight": 0.5}  # both sibling messages travel
@@ -78,7 +91,7 @@ OWN = {"detach_ratio": 0.0, "diversity_weight": 0.0}    # no sibling message at 
                                                   ("vgg6a", {"width": 0.125}, OWN),
                                                   ("resnet20", {"width": 0.5, "shortcut": "B"}, MIXED)])
 def test_group_parallel_ranks_match_the_sequential_engine(model: str, options: dict,
-                                                          groups: dict) -> None:
+                                                          groups: dict, tmp_path: Path) -> None:
     torch.manual_seed(0)
     backbone = build_model(model, SHAPE, 10, **options)
     net = LocalNet.from_backbone(backbone, K, head="0c1f", groups=G, group_options=groups)
@@ -92,7 +105,7 @@ def test_group_parallel_ranks_match_the_sequential_engine(model: str, options: d
     opts = [sgd(s.parameters()) for s in net.stages]
     for x, y in data:
         losses = LocalEngine().step(net, opts, x, y)
-    shares, states, tallies = run_ranks(nodes, data, test)
+    shares, states, tallies = run_ranks(nodes, data, test, tmp_path)
     for k in range(K):  # the G nodes' shares add up to the stage loss
         assert sum(shares[k * G: (k + 1) * G]) == pytest.approx(losses[k], rel=1e-5)
     # evaluation through the nodes gives what evaluate() gives on the whole net
@@ -154,9 +167,10 @@ def test_a_first_stage_node_without_the_batch_is_an_error() -> None:
     torch.manual_seed(0)
     net = LocalNet.from_backbone(build_model("vgg6a", SHAPE, 10, width=0.125), K, head="0c1f",
                                  groups=G)
-    engine = GroupPipelineEngine(group_nodes(net.stages[0])[0], 0, K, world=None, siblings=None)
+    node = group_nodes(net.stages[0])[0]
+    engine = PipelineEngine(range(0, 1), node=node)
     with pytest.raises(ValueError, match="rank 0.* needs the batch"):
-        engine.step(net, [sgd(engine.node.parameters())])
+        engine.step(net, [sgd(node.parameters())])
 
 
 def test_a_node_whose_head_cannot_predict_refuses_the_diversity_penalty() -> None:

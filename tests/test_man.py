@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from presets import run_preset
 
 import locallearn as ll
 from locallearn import runs
@@ -13,7 +14,6 @@ from locallearn.engines import LocalEngine
 from locallearn.models import build_model
 from locallearn.network import LocalNet
 from locallearn.objectives.momentum import MomentumAux, check_config
-from presets import run_preset
 
 
 def _net(k: int = 3, m: float = 0.9) -> LocalNet:

@@ -12,8 +12,6 @@ from collections import deque
 import pytest
 import torch
 
-from locallearn.types import Masked
-
 from locallearn.config import ConfigError, load_config
 from locallearn.distributed.faults import root_cause
 from locallearn.distributed.wire import EVAL, STOP, TRAIN, Layout, Packet, WireError, encode
@@ -25,6 +23,7 @@ from locallearn.models import build_model
 from locallearn.network import LocalNet
 from locallearn.optim import build_optimizer
 from locallearn.split import balanced_cuts, find_cuts
+from locallearn.types import Masked
 
 torch.set_num_threads(1)
 

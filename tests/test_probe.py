@@ -6,13 +6,12 @@ import json
 import pytest
 import torch
 
-from locallearn.types import Masked
-
 from locallearn.cli import main
 from locallearn.data import ArrayData, DataSplits
 from locallearn.models import build_model
 from locallearn.network import LocalNet
 from locallearn.probe import effective_rank, pool_features, probe_accuracy, probe_net
+from locallearn.types import Masked
 
 torch.set_num_threads(1)
 

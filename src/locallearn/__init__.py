@@ -18,14 +18,13 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the static view of the lazy names below
+    from locallearn.build import build_net
     from locallearn.config import RunConfig, load_config
     from locallearn.data import load_data
     from locallearn.engines import BackpropEngine, LocalEngine, build_engine
     from locallearn.evaluate import evaluate
-    from locallearn.models import build_model
+    from locallearn.models import build_model, register_model
     from locallearn.network import LocalNet, Stage
-    from locallearn.build import build_net
-    from locallearn.models import register_model
     from locallearn.runner import Trainer, run
     from locallearn.types import Masked
 

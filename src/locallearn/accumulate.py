@@ -36,11 +36,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from locallearn.errors import ConfigError
 from locallearn.engines.base import stage_loss
+from locallearn.errors import ConfigError
 from locallearn.measure import macs
-from locallearn.types import Activation, first_tensor, map_tensors
 from locallearn.network import LocalNet
+from locallearn.types import Activation, first_tensor, map_tensors
 
 if TYPE_CHECKING:  # type-only: the config layer calls this module's checks
     from locallearn.config import RunConfig

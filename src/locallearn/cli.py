@@ -53,9 +53,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from locallearn.build import build_data, build_net
     from locallearn.config import from_dict
     from locallearn.evaluate import evaluate
-    from locallearn.build import build_data, build_net
 
     state = runs.load_checkpoint(args.run)
     overrides = [f"data.data_dir={args.data_dir}"] if args.data_dir else []

@@ -21,7 +21,6 @@ import yaml
 
 from locallearn.errors import ConfigError
 
-
 # train.compile: off, on (torch's default mode) or one of torch.compile's modes
 COMPILE_MODES = ("false", "true", "default", "reduce-overhead", "max-autotune",
                  "max-autotune-no-cudagraphs")
@@ -248,7 +247,8 @@ def validate(cfg: RunConfig) -> None:
 
 
 def _validate_group_placement(cfg: RunConfig) -> None:
-    """``engine.placement=groups``: one worker per (stage, group) node (engines.group_pipeline)."""
+    """``engine.placement=groups``: one worker per (stage, group) node; the one rule for what
+    that placement cannot run (what reads every group of a stage)."""
     e, k, g = cfg.engine, cfg.split.k, cfg.split.groups
     if e.name != "pipeline":
         raise ConfigError(f"engine.placement=groups places nodes on pipeline workers: set "
@@ -261,14 +261,11 @@ def _validate_group_placement(cfg: RunConfig) -> None:
                           f"set engine.workers={k * g} (split.k={k} x split.groups={g})")
     unsupported = {"context.name": cfg.context.name != "none",
                    "objective.predictor": bool(cfg.objective.predictor),
-                   "objective.reconstruct": bool(cfg.objective.reconstruct),
-                   "train.accumulate": cfg.train.accumulate != "none",
-                   "engine.micro_batches": e.micro_batches != 1}
+                   "objective.reconstruct": bool(cfg.objective.reconstruct)}
     for key, used in unsupported.items():
         if used:
             raise ConfigError(f"engine.placement=groups does not support {key} (it reads every "
-                              f"group of a stage, or needs the stage pipeline): drop {key} or use "
-                              f"engine.placement=stages")
+                              f"group of a stage): drop {key} or use engine.placement=stages")
 
 
 def _validate_groups_context(cfg: RunConfig) -> None:

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 
 from locallearn.measure import macs
-from locallearn.types import Activation, first_tensor, map_tensors
 from locallearn.network import LocalNet, Stage
+from locallearn.types import Activation, first_tensor, map_tensors
 
 CONFIDENCES = ("max", "entropy")
 THRESHOLDS = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)

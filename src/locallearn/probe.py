@@ -189,8 +189,8 @@ def probe_run(run: str | Path, *, data_dir: str | None = None, train_subset: int
         RunError: if the run folder has no readable checkpoint.
     """
     from locallearn import runs
-    from locallearn.config import apply_overrides, from_dict
     from locallearn.build import build_data, build_net
+    from locallearn.config import apply_overrides, from_dict
 
     state = runs.load_checkpoint(run)
     overrides = [f"data.data_dir={data_dir}"] if data_dir else []

@@ -10,7 +10,7 @@ blocks; :func:`check_activation` says so at build time, naming the block.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import torch
 
@@ -27,7 +27,7 @@ class Masked(NamedTuple):
     mask: torch.Tensor
 
 
-Activation = Union[torch.Tensor, Masked]
+Activation = torch.Tensor | Masked
 
 
 def first_tensor(a: Activation) -> torch.Tensor:

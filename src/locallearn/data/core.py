@@ -295,7 +295,25 @@ def batches(
                 x = augment(x, generator)
             if norm is not None:
                 x = (x - norm[0]) / norm[1]
+            x = standard_strides(x)
         yield x, y
+
+
+def standard_strides(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with the strides of a fresh NCHW tensor.
+
+    With one channel, broadcasting (``(x - mean) / std``) or a permute can leave
+    strides like ``(H*W, 1, W, 1)``: ``is_contiguous()`` holds, yet convolutions take
+    the batch for channels-last and pick other kernels than for the same values
+    received over the wire (always plain NCHW), so pipelined ranks and the
+    sequential engine would round differently.
+    """
+    want: list[int] = []
+    step = 1
+    for n in reversed(x.shape):
+        want.insert(0, step)
+        step *= n
+    return x if list(x.stride()) == want else x.clone(memory_format=torch.contiguous_format)
 
 
 def fits_on_device(splits: DataSplits, device: torch.device | str, share: float = 0.25) -> bool:
@@ -325,9 +343,10 @@ def place_data(splits: DataSplits, device: torch.device | str, on_device: str = 
     move = on_device == "true" or (on_device == "auto" and fits_on_device(splits, device))
     if not move or device.type == "cpu":
         return splits
-    return DataSplits(splits.name, *(ArrayData(part.x.to(device), part.y.to(device),
-                                                list(part.classes))
-                                     for part in (splits.train, splits.test)), dict(splits.meta))
+    def moved(part: ArrayData) -> ArrayData:
+        return ArrayData(part.x.to(device), part.y.to(device), list(part.classes))
+
+    return DataSplits(splits.name, moved(splits.train), moved(splits.test), dict(splits.meta))
 
 
 def _norm_tensors(

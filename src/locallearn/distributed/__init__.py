@@ -10,8 +10,7 @@
 ==============  ==============================================================
 
 The engine itself (what one rank does per batch) is
-:class:`locallearn.engines.pipeline.PipelineEngine`, or
-:class:`locallearn.engines.group_pipeline.GroupPipelineEngine` for one node.
+:class:`locallearn.engines.pipeline.PipelineEngine`, for both placements.
 Importing this package does not import ``torch.distributed``; its modules do.
 """
 

@@ -196,6 +196,25 @@ class Inbox:
         return layout.packet(buffers, self.device)
 
 
+def gather_siblings(group: Any, t: torch.Tensor, groups: int,
+                    wire: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """Every sibling's ``t`` (same shape on all) in group order, on ``t``'s device.
+
+    The siblings are the G nodes of one stage (group placement); ``group`` is their
+    process group (group rank = group index).
+
+    Raises:
+        PeerError: if a sibling failed or did not answer within the group's timeout.
+    """
+    if t.numel() == 0:  # nothing to exchange (the node sees only its own channels)
+        return [t] * groups
+    sent = t.detach().to(wire).contiguous()
+    outs = [torch.empty_like(sent) for _ in range(groups)]
+    guard("exchanging with the other nodes of this stage", None,
+          lambda: dist.all_gather(outs, sent, group=group))
+    return [o.to(t.device) for o in outs]
+
+
 class Control:
     """Collectives of all ranks over the control group (gloo): objects, barriers.
 

@@ -6,8 +6,10 @@ and a checkpoint); what differs is the :class:`GroupPlacement` handed to it, whi
 what a rank trains and saves:
 
 * rank ``k * G + g`` trains :class:`~locallearn.groups.GroupNode` g of stage k (its
-  slice of every layer of the stage, and its own head) with the engine
-  :class:`~locallearn.engines.group_pipeline.GroupPipelineEngine`;
+  slice of every layer of the stage, and its own head) with the pipeline executor
+  :class:`~locallearn.engines.pipeline.PipelineEngine` given that node, its peers
+  (fan-in from every node of the stage before, fan-out to every node of the next) and its
+  siblings;
 * its shard ``ranks/rank<r>.pt`` holds the node's own state dict and optimizer state;
 * rank 0 writes each slice back into its place in the whole network
   (:func:`locallearn.groups.node_state_map`), so ``checkpoint.pt`` is the standard
@@ -27,10 +29,10 @@ import torch.distributed as dist
 
 from locallearn.build import build_net
 from locallearn.data import DataSplits
-from locallearn.distributed.comm import Control
+from locallearn.distributed.comm import Control, Inbox, Outbox
 from locallearn.distributed.worker import Setup, placeholder_data
 from locallearn.engines.base import StageUpdate
-from locallearn.engines.group_pipeline import GroupPipelineEngine
+from locallearn.engines.pipeline import PipelineEngine
 from locallearn.errors import ConfigError, TrainingError
 from locallearn.groups import (
     GroupNode,
@@ -43,6 +45,11 @@ from locallearn.groups import (
 from locallearn.loop import Placement, Trainer
 from locallearn.network import LocalNet
 from locallearn.precision import resolve_config
+
+
+def node_rank(stage: int, group: int, groups: int) -> int:
+    """The rank that holds node ``(stage, group)``."""
+    return stage * groups + group
 
 
 def node_ranges(k: int, groups: int) -> list[range]:
@@ -144,7 +151,22 @@ def build_group_trainer(setup: Setup, data: DataSplits | None, rank: int, world:
     siblings = [dist.new_group(ranks=[s * groups + j for j in range(groups)], backend=backend,
                                timeout=timeout) for s in range(k)]  # every rank makes all of them
     wire = device if backend == "nccl" else torch.device("cpu")
+    e = cfg.engine
+
+    def inbox(src: int) -> Inbox:
+        return Inbox(src, data_group, wire, device, e.queue, e.timeout)
+
+    def outbox(dst: int) -> Outbox:
+        return Outbox(dst, data_group, wire, e.queue, e.timeout)
+
+    fan_in = [inbox(node_rank(stage - 1, j, groups)) for j in range(groups)] if stage else (
+        [inbox(0)] if g else [])
+    fan_out = [outbox(node_rank(stage + 1, j, groups)) for j in range(groups)] \
+        if stage + 1 < k else []
+    handoff = [outbox(node_rank(0, j, groups)) for j in range(1, groups)] if rank == 0 else []
     update = StageUpdate(resolve_config(cfg.train, device))
-    engine = GroupPipelineEngine(node, stage, k, data_group, siblings[stage], wire, device, update)
+    engine = PipelineEngine(range(stage, stage + 1), micro_batches=e.micro_batches, device=device,
+                            update=update, fan_in=fan_in, fan_out=fan_out, handoff=handoff,
+                            node=node, siblings=siblings[stage], wire=wire)
     return Trainer(net, data, cfg, Path(setup.run_dir), engine, comm=control,
                    placement=GroupPlacement(node, stage, groups, k), device=device)

@@ -350,7 +350,7 @@ def run_worker(cfg: RunConfig, resume: str | Path | None, run_dir: Path | None,
         env: this worker's rank and rendezvous.
         ship: a net built in Python (default: build the config's model).
     """
-    threads = set_threads(cfg.engine.threads, env.local_world)
+    set_threads(cfg.engine.threads, env.local_world)
     tqdm.set_lock(threading.RLock())  # not tqdm's default process lock: workers end by os._exit
     device = pick_device(cfg.engine, env.rank, env.local_rank, env.world)
     timeout = timedelta(seconds=cfg.engine.timeout)

@@ -14,9 +14,9 @@ from typing import Any
 
 from locallearn.engines.backprop import BackpropEngine
 from locallearn.engines.base import Engine, InProcess, StageUpdate, stage_loss
-from locallearn.types import detach
 from locallearn.engines.multiexit import MultiExitEngine
 from locallearn.engines.sequential import LocalEngine
+from locallearn.types import detach
 
 ENGINES = {
     "backprop": "end-to-end backpropagation with only the task loss (aux heads on detached features)",

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import torch
 
 from locallearn.engines.base import InProcess, StageUpdate, stage_loss
-from locallearn.types import Activation
 from locallearn.network import LocalNet
+from locallearn.types import Activation
 
 
 class MultiExitEngine(InProcess):

@@ -34,12 +34,13 @@ from typing import Any
 
 import torch
 
-from locallearn.distributed.comm import Inbox, Outbox
+from locallearn.distributed.comm import Inbox, Outbox, gather_siblings
 from locallearn.distributed.wire import EVAL, STOP, TRAIN, Packet
 from locallearn.engines.base import StageUpdate, stage_loss
+from locallearn.groups import GroupNode
+from locallearn.network import LocalNet
 from locallearn.objectives.groups import find_group_objective
 from locallearn.types import Activation, Masked, detach
-from locallearn.network import LocalNet
 
 
 def assign_stages(k: int, workers: int) -> list[range]:
@@ -125,16 +126,35 @@ def score_ensembles(tally: EvalTally, y: torch.Tensor, ens_u: torch.Tensor, ens_
 
 
 class PipelineEngine:
-    """One rank of the pipeline (``engine: pipeline``).
+    """One node of the pipeline (``engine: pipeline``): the executor of every placement.
+
+    A node is a contiguous run of whole stages (``placement=stages``), or the slice of
+    one stage that width group g computes (``placement=groups``: ``node`` is its
+    :class:`~locallearn.groups.GroupNode`). The placement is data: the peers a node
+    receives from (``fan_in``: several are concatenated in group order, the channels of
+    the previous stage's groups), the peers it sends every output to (``fan_out``), and
+    for group nodes the siblings (the stage's other groups, which exchange the detached
+    views and logits of their heads) and, on the first node, the siblings it hands each
+    data batch to (``handoff``). Links are :class:`~locallearn.distributed.comm.Inbox`
+    and :class:`~locallearn.distributed.comm.Outbox` (bounded asynchronous queues).
 
     Args:
-        stages: the stage indices this rank trains (contiguous).
-        inbox: packets from the previous rank (``None`` on rank 0, which reads data).
-        outbox: packets to the next rank (``None`` on the last rank).
+        stages: the stage indices this node trains (contiguous; one for a group node).
+        inbox: packets from the previous rank (``None`` on rank 0, which reads data);
+            shorthand for ``fan_in=[inbox]``.
+        outbox: packets to the next rank (``None`` on the last rank); shorthand for
+            ``fan_out=[outbox]``.
         micro_batches: parts each batch is cut into on rank 0.
         downstream_needs: trail indices that stages after this rank read (context
             supply); other trail entries travel as ``None``.
         device: this rank's device (for exact timing on GPUs).
+        update: the stage update (precision, scaling).
+        comm: the control group, for MAN's weight sharing (:meth:`share_weights`).
+        share_every: steps between two weight sharings.
+        fan_in, fan_out, handoff: the links of the placement (see above).
+        node: this rank's group node (group placement).
+        siblings: the process group of the node's stage (group placement).
+        wire: where tensors must be to travel (``cuda`` for NCCL; default the CPU).
 
     Attribute ``active`` (stage indices, or ``None`` for all) names the stages that
     train (dynamic layer accumulation), as for the sequential engine.
@@ -146,17 +166,35 @@ class PipelineEngine:
     def __init__(self, stages: range, inbox: Inbox | None = None, outbox: Outbox | None = None,
                  micro_batches: int = 1, downstream_needs: Sequence[int] = (),
                  device: torch.device | str = "cpu", update: StageUpdate | None = None,
-                 comm: Any = None, share_every: int = 1) -> None:
+                 comm: Any = None, share_every: int = 1, *, fan_in: Sequence[Inbox] = (),
+                 fan_out: Sequence[Outbox] = (), handoff: Sequence[Outbox] = (),
+                 node: GroupNode | None = None, siblings: Any = None,
+                 wire: torch.device | str | None = None) -> None:
         if micro_batches < 1:
             raise ValueError(f"engine.micro_batches={micro_batches} must be at least 1")
         self.update = update or StageUpdate()
         self.comm, self.share_every = comm, share_every  # MAN: the control group (share_weights)
-        self.stages, self.inbox, self.outbox = stages, inbox, outbox
+        self.stages = stages
+        self.fan_in = [inbox] if inbox is not None else list(fan_in)
+        self.fan_out = [outbox] if outbox is not None else list(fan_out)
+        self.handoff = list(handoff)
+        self.node, self.siblings = node, siblings
         self.micro_batches = micro_batches
         self.downstream_needs = set(downstream_needs)
         self.device = torch.device(device)
+        self.wire = torch.device(wire) if wire is not None else torch.device("cpu")
         self.active: set[int] | None = None
         self.stage_seconds = {k: 0.0 for k in stages}  # compute time per stage since reset
+
+    @property
+    def inbox(self) -> Inbox | None:
+        """The one link from the previous rank (stage placement), if any."""
+        return self.fan_in[0] if len(self.fan_in) == 1 else None
+
+    @property
+    def outbox(self) -> Outbox | None:
+        """The one link to the next rank (stage placement), if any."""
+        return self.fan_out[0] if len(self.fan_out) == 1 else None
 
     # -- which stages run ------------------------------------------------------------
     def owned(self, k: int) -> range:
@@ -176,13 +214,30 @@ class PipelineEngine:
     def _trains(self, k: int) -> bool:
         return self.active is None or k in self.active
 
+    # -- the links -------------------------------------------------------------------
+    def _receive(self, kind: int) -> Packet:
+        """One packet from every peer of ``fan_in``; several are joined in group order."""
+        packets = [inbox.get(kind) for inbox in self.fan_in]
+        first = packets[0]
+        if first.h is None or len(packets) == 1:
+            return first
+        return Packet(kind, torch.cat([p.h for p in packets], dim=1), first.y, list(first.trail),
+                      first.extras, first.total)
+
+    def _send(self, packet: Packet, links: Sequence[Outbox]) -> None:
+        for link in links:
+            link.put(packet)
+
     # -- training --------------------------------------------------------------------
     def step(self, net: LocalNet, optimizers: Sequence[torch.optim.Optimizer],
              x: Activation | None = None, y: torch.Tensor | None = None) -> list[float]:
-        """Train this rank's stages on one batch and pass it on; returns per-stage losses.
+        """Train this node on one batch and pass it on; returns per-stage losses.
 
-        Rank 0 gives the batch ``(x, y)``; later ranks receive it from the previous rank.
-        Stages of other ranks (and stages that did not train) have loss NaN.
+        Rank 0 gives the batch ``(x, y)``; later ranks receive it from their peers.
+        Stages of other ranks (and stages that did not train) have loss NaN; a group
+        node reports its share of its stage's loss (its own loss plus half of each of
+        its diversity terms, since two nodes share each pair of heads), so the G shares
+        add up to the loss :class:`~locallearn.engines.sequential.LocalEngine` reports.
         """
         losses = [math.nan] * net.k
         depth = self.depth(net)
@@ -193,12 +248,14 @@ class PipelineEngine:
         for k in train:
             self.update.zero_grad(optimizers[k])
             losses[k] = 0.0
-        sends = self.outbox is not None and self.stages.stop < depth
+        sends = self.stages.stop < depth
         for packet in self._micro_batches(x, y):
-            out = self._train_micro(net, packet, own, train, losses)
+            if self.node is not None:
+                out = self._train_node(packet, train, losses)
+            else:
+                out = self._train_micro(net, packet, own, train, losses)
             if sends:
-                assert self.outbox is not None
-                self.outbox.put(out)
+                self._send(out, self.fan_out)
         for k in train:
             start = self._now()
             self.update.step(optimizers[k], k)
@@ -206,15 +263,18 @@ class PipelineEngine:
         return losses
 
     def _micro_batches(self, x: Activation | None, y: torch.Tensor | None) -> Iterator[Packet]:
-        if self.inbox is None:  # rank 0 cuts its data batch
-            assert x is not None and y is not None, "rank 0 needs the batch (x, y)"
+        if not self.fan_in:  # rank 0 cuts its data batch (and hands it to its siblings)
+            if x is None or y is None:
+                raise ValueError("the first node (rank 0) needs the batch (x, y)")
             parts = min(self.micro_batches, len(y))
             for xi, yi in zip(_split(x, parts), y.tensor_split(parts)):
-                yield Packet(TRAIN, xi, yi, total=len(y))
+                packet = Packet(TRAIN, xi, yi, total=len(y))
+                self._send(packet, self.handoff)
+                yield packet
             return
         seen = 0
         while True:  # later ranks take parts until the whole batch has arrived
-            packet = self.inbox.get(TRAIN)
+            packet = self._receive(TRAIN)
             assert packet.y is not None  # a training packet carries its targets
             seen += len(packet.y)
             yield packet
@@ -246,6 +306,35 @@ class PipelineEngine:
             self.stage_seconds[k] += self._now() - start
         return Packet(TRAIN, detach(h), y, self._trail_out(trail), total=p.total)
 
+    def _train_node(self, p: Packet, train: list[int], losses: list[float]) -> Packet:
+        """Forward, local loss (with the siblings' views and logits) and backward of this
+        group node on one (micro-)batch."""
+        node, k, y = self.node, self.stages.start, p.y
+        assert node is not None and y is not None and isinstance(p.h, torch.Tensor)
+        share = len(y) / p.total
+        start = self._now()
+        if k not in train:
+            with torch.no_grad(), self.update.autocast():
+                out = node(p.h)
+        else:
+            with self.update.autocast():
+                out = node(detach(p.h))
+                messages = self._gather(node.message(out))
+                loss, logits = node.local_loss(out, y, messages)
+                part = loss.detach()
+                if logits is not None:
+                    div = node.diversity(logits, y, self._gather(logits.detach()))
+                    loss, part = loss + div, part + div.detach() / 2
+            self.update.backward(loss if share == 1 else loss * share, k)
+            losses[k] += float(part) * share
+        self.stage_seconds[k] += self._now() - start
+        return Packet(TRAIN, detach(out), y, total=p.total)
+
+    def _gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every sibling's ``t`` in group order (group nodes)."""
+        assert self.node is not None
+        return gather_siblings(self.siblings, t, self.node.groups, self.wire)
+
     def _trail_out(self, trail: list[Activation]) -> list[Activation | None]:
         """The trail entries later ranks read; the others travel as ``None``."""
         return [t if j in self.downstream_needs else None for j, t in enumerate(trail)]
@@ -263,30 +352,44 @@ class PipelineEngine:
         return merge_tallies(tallies, net.k) if tallies is not None else None
 
     @torch.no_grad()
-    def evaluate_tally(self, net: LocalNet, tally: EvalTally,
+    def evaluate_tally(self, net: Any, tally: EvalTally,
                        batches: Iterable[tuple[Activation, torch.Tensor]] | None = None,
                        group_heads: Sequence[Any] = ()) -> None:
-        """Run the test batches through this rank's stages, counting correct answers.
+        """Run the test batches through this node, counting correct answers.
 
         Rank 0 reads ``batches``; later ranks receive them until an empty packet marks
         the end. Ensemble sums of the softmax outputs travel with each batch and the
-        last rank scores them as :func:`locallearn.evaluate.evaluate` does.
+        last rank scores them as :func:`locallearn.evaluate.evaluate` does. Every node
+        of a stage counts the stage's (identical) figures.
         """
         tally.stages = list(self.stages)
-        for p in self._eval_packets(net, batches):
-            if p.h is None:  # the end of the test set
-                if self.outbox is not None:
-                    self.outbox.put(p)
-                return
-            self._eval_batch(net, tally, p, group_heads)
+        node = self.node
+        was = node.training if node is not None else False
+        if node is not None:
+            node.eval()
+        try:
+            for p in self._eval_packets(net, batches):
+                if p.h is None:  # the end of the test set
+                    self._send(p, self.fan_out)
+                    return
+                if node is not None:
+                    self._eval_node(tally, p, net.k)
+                else:
+                    self._eval_batch(net, tally, p, group_heads)
+        finally:
+            if node is not None:
+                node.train(was)
 
-    def _eval_packets(self, net: LocalNet,
+    def _eval_packets(self, net: Any,
                       batches: Iterable[tuple[Activation, torch.Tensor]] | None) -> Iterator[Packet]:
-        if self.inbox is not None:
+        if self.fan_in:
             while True:
-                yield self.inbox.get(EVAL)
-        assert batches is not None, "rank 0 needs the test batches"
-        yield from eval_packets(batches, net.num_classes)
+                yield self._receive(EVAL)
+        if batches is None:
+            raise ValueError("the first node (rank 0) needs the test batches")
+        for packet in eval_packets(batches, net.num_classes):
+            self._send(packet, self.handoff)
+            yield packet
 
     def _eval_batch(self, net: LocalNet, tally: EvalTally, p: Packet,
                     group_heads: Sequence[Any]) -> None:
@@ -304,11 +407,32 @@ class PipelineEngine:
             tally.correct[k] = tally.correct.get(k, 0) + int((logits.argmax(1) == y).sum())
             ens_u, ens_w, weights = add_to_ensembles((ens_u, ens_w, weights), logits.softmax(1), k)
         tally.n += len(y)
-        if self.outbox is not None:
-            self.outbox.put(Packet(EVAL, h, y, self._trail_out(trail), [ens_u, ens_w, weights],
-                                   p.total))
+        if self.fan_out:
+            self._send(Packet(EVAL, h, y, self._trail_out(trail), [ens_u, ens_w, weights],
+                              p.total), self.fan_out)
             return
         score_ensembles(tally, y, ens_u, ens_w, weights)
+
+    def _eval_node(self, tally: EvalTally, p: Packet, k_total: int) -> None:
+        """A group node's figures: every group head, the group ensemble, the 2^k sums."""
+        node, k, y = self.node, self.stages.start, p.y
+        assert node is not None and y is not None  # an evaluation packet carries its targets
+        out = node(p.h)
+        logits = node.objective.predict(node.view(out, self._gather(node.message(out))))
+        extras = list(p.extras)
+        if logits is not None:  # heads that predict classes (not self-supervised ones)
+            every = self._gather(logits)
+            counts = tally.groups.setdefault(k, [0] * node.groups)
+            for g, lg in enumerate(every):
+                counts[g] += int((lg.argmax(1) == y).sum())
+            prob = torch.stack([lg.softmax(1) for lg in every]).mean(0)  # the group ensemble
+            tally.correct[k] = tally.correct.get(k, 0) + int((prob.argmax(1) == y).sum())
+            extras = add_to_ensembles(extras, prob, k)
+        tally.n += len(y)
+        if self.fan_out:
+            self._send(Packet(EVAL, out, y, [], extras, p.total), self.fan_out)
+        else:
+            score_ensembles(tally, y, *extras)
 
     @staticmethod
     def _count_groups(tally: EvalTally, k: int, out: Activation, y: torch.Tensor,
@@ -355,23 +479,22 @@ class PipelineEngine:
     def reset_clock(self) -> None:
         """Start counting compute time per stage afresh (at the start of an epoch)."""
         self.stage_seconds = {k: 0.0 for k in self.stages}
-        for link in (self.inbox, self.outbox):
-            if link is not None:
-                link.wait_seconds = 0.0
+        links: list[Inbox | Outbox] = [*self.fan_in, *self.fan_out, *self.handoff]
+        for link in links:
+            link.wait_seconds = 0.0
 
     def flush(self) -> None:
         """Wait until every packet sent so far has left."""
-        if self.outbox is not None:
-            self.outbox.flush()
+        for link in [*self.fan_out, *self.handoff]:
+            link.flush()
 
     def close(self) -> None:
-        """Tell the next rank the run is over, then wait for the receive thread to end."""
-        if self.outbox is not None:
-            self.outbox.put(Packet(STOP))
-            self.outbox.flush()
-        if self.inbox is not None:
-            self.inbox.get(STOP)
-            self.inbox.close()
+        """Tell the peers the run is over, then wait for the receive threads to end."""
+        self._send(Packet(STOP), [*self.handoff, *self.fan_out])
+        self.flush()
+        for link in self.fan_in:
+            link.get(STOP)
+            link.close()
 
     def _now(self) -> float:
         if self.device.type == "cuda":  # kernels run asynchronously: time them to completion

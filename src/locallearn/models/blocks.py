@@ -22,7 +22,6 @@ from torch import nn
 from locallearn.errors import ConfigError, options_of
 from locallearn.types import Activation, check_activation, first_tensor
 
-
 ModelBuilder = Callable[..., "Backbone"]
 MODELS: dict[str, tuple[ModelBuilder, str]] = {}
 

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.utils import flop_counter
 
-from locallearn.layers import POOL_MODES, SequencePool
+from locallearn.layers import POOL_MODES
 from locallearn.models.blocks import Backbone, infer_shapes, register_model
 from locallearn.types import Masked
 
