@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from locallearn.layers import POOL_MODES, SequencePool
 from locallearn.models.blocks import build_model
-from locallearn.models.text import POOL_MODES, SequencePool, lstm, transformer
+from locallearn.models.text import lstm, transformer
 
 torch.set_num_threads(1)
 

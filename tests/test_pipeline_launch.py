@@ -196,3 +196,31 @@ def test_group_nodes_take_micro_batches_and_layer_accumulation_like_the_stage_pi
     _, local = run(config(tmp_path, "grow-local", *step, *grow, "engine=local"))
     assert_same_weights(nodes, local)
     assert [r["stages_trained"] for r in runs.read_metrics(nodes)] == [[1], [1, 2]]
+
+
+REPLICATED = ["split.k=2", "model.options={hidden: [32, 32, 32, 32], batch_norm: false}",
+              "engine=pipeline", "engine.workers=2"]
+
+
+def test_data_parallel_stages_equal_one_copy_with_the_same_global_batch(tmp_path, monkeypatch):
+    """engine.replicas=2: every worker is 2 ranks, each on half of every batch, gradients
+    averaged within the stage before each step: for a model without batch statistics the
+    weights of the run with one copy (and of engine=local), also with micro-batches and
+    after a killed replica's run is resumed; one checkpoint shard per stage."""
+    two = config(tmp_path, "two", *REPLICATED, "engine.replicas=2", "engine.micro_batches=2",
+                 "train.epochs=2")
+    monkeypatch.setenv("LOCALLEARN_FAULT", "3:11:exit")  # rank 3: worker 2's copy, epoch 2
+    with pytest.raises(PipelineError, match=r"rank 3 \(stage 2, replica 2\)"):
+        run(two)
+    monkeypatch.delenv("LOCALLEARN_FAULT")
+    folder = tmp_path / "two"
+    assert sorted(p.name for p in (folder / "ranks").iterdir()) == ["rank0.pt", "rank1.pt"]
+    summary, _ = run(runs.resume_config(folder, [])[0], resume=folder)
+    assert summary["workers"] == 4 and summary["epochs"] == 2
+    _, one = run(config(tmp_path, "one", *REPLICATED, "train.epochs=2"))
+    _, local = run(config(tmp_path, "local", *REPLICATED, "engine=local", "train.epochs=2"))
+    assert_same_weights(folder, one)
+    assert_same_weights(folder, local)
+    got, want = runs.read_metrics(folder)[-1], runs.read_metrics(one)[-1]
+    assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-4)  # shares add up
+    assert got["final_acc"] == want["final_acc"]

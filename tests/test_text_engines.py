@@ -18,8 +18,8 @@ import torch
 from locallearn.data import load_data
 from locallearn.engines import BackpropEngine, LocalEngine
 from locallearn.engines.base import detach, stage_loss
+from locallearn.layers import SequencePool
 from locallearn.models import build_model
-from locallearn.models.text import SequencePool
 from locallearn.network import LocalNet
 from locallearn.optim import build_optimizer
 

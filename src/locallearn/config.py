@@ -105,6 +105,8 @@ class EngineConfig:
                                           # (empty: cuda:<local rank> if CUDA is available, else cpu)
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # pipeline: auto = nccl if every rank has a GPU
     micro_batches: int = 1                # pipeline: parts per batch (gradients accumulate, one update)
+    replicas: int = 1                     # pipeline: data-parallel copies of every worker, each on
+                                          # a shard of the batch (world = workers x replicas)
     share_every: int = 1                  # pipeline: steps between sending each rank's first block
                                           # to the rank before (MAN's momentum copies; 1 = exact)
     queue: int = 2                        # pipeline: packets in flight per link (send and receive)
@@ -208,7 +210,7 @@ def validate(cfg: RunConfig) -> None:
     positive = {"split.k": cfg.split.k, "data.batch_size": cfg.data.batch_size,
                 "train.epochs": cfg.train.epochs, "engine.workers": cfg.engine.workers,
                 "engine.micro_batches": cfg.engine.micro_batches, "engine.queue": cfg.engine.queue,
-                "engine.share_every": cfg.engine.share_every,
+                "engine.share_every": cfg.engine.share_every, "engine.replicas": cfg.engine.replicas,
                 "split.groups": cfg.split.groups}
     for key, v in positive.items():
         if v < 1:
@@ -259,7 +261,8 @@ def _validate_group_placement(cfg: RunConfig) -> None:
     if e.workers != k * g:
         raise ConfigError(f"engine.placement=groups needs one worker per (stage, group) node: "
                           f"set engine.workers={k * g} (split.k={k} x split.groups={g})")
-    unsupported = {"context.name": cfg.context.name != "none",
+    unsupported = {"engine.replicas": e.replicas != 1,
+                   "context.name": cfg.context.name != "none",
                    "objective.predictor": bool(cfg.objective.predictor),
                    "objective.reconstruct": bool(cfg.objective.reconstruct)}
     for key, used in unsupported.items():

@@ -101,10 +101,13 @@ class Placement:
     Args:
         stages: the stages this rank trains.
         ranges: the stages of every rank (``[stages]`` in one process).
+        saves: False for a data-parallel copy (``engine.replicas``): it holds what replica 0
+            holds, so it writes no shard of its own.
     """
 
-    def __init__(self, stages: range, ranges: Sequence[range] | None = None) -> None:
-        self.stages, self.ranges = stages, list(ranges or [stages])
+    def __init__(self, stages: range, ranges: Sequence[range] | None = None,
+                 saves: bool = True) -> None:
+        self.stages, self.ranges, self.saves = stages, list(ranges or [stages]), saves
 
     def describe(self) -> dict[str, Any]:
         """What this rank holds, for env.json."""
@@ -133,7 +136,7 @@ class Placement:
               net: LocalNet) -> dict[str, Any]:
         """The standard checkpoint ``state`` with every rank's shard written into it."""
         weights: dict[str, torch.Tensor] = {}
-        for sh in shards:
+        for sh in (s for s in shards if s is not None):  # replicas write none
             weights.update(sh["net"])
             for k, opt, sched in zip(sh["stages"], sh["optimizers"], sh["schedulers"]):
                 state["optimizers"][k], state["schedulers"][k] = opt, sched
@@ -428,7 +431,7 @@ class Trainer:
         self.engine.close()
         seconds = time.perf_counter() - start
         if self.comm.world > 1:  # the first rank takes every rank's stages: the summary sees all
-            final = self.comm.gather(self.shard_state())
+            final = self.comm.gather(self.shard_state() if self.placement.saves else None)
             if final is not None:
                 self.net.load_state_dict(self.merged_state(final)["net"])
                 self.net.to(self.device)
@@ -463,7 +466,7 @@ class Trainer:
         metrics row, the standard checkpoint and the curves."""
         if self.folder is None:
             return
-        shard = self.shard_state() if self.cfg.train.checkpoint else None
+        shard = self.shard_state() if self.cfg.train.checkpoint and self.placement.saves else None
         if shard is not None and self.comm.world > 1:
             runs.save_checkpoint(shard_path(self.folder, self.comm.rank), shard)
         shards = self.comm.gather(shard)

@@ -215,6 +215,26 @@ def gather_siblings(group: Any, t: torch.Tensor, groups: int,
     return [o.to(t.device) for o in outs]
 
 
+def average_gradients(group: Any, optimizer: torch.optim.Optimizer, replicas: int) -> None:
+    """Replace the gradients ``optimizer`` steps with their mean over the ``replicas`` ranks
+    of ``group`` (one all-reduce of all of them, flattened).
+
+    Raises:
+        PeerError: if a replica failed or did not answer within the group's timeout.
+    """
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([t.flatten() for t in grads])
+    guard("averaging gradients with the other replicas", None,
+          lambda: dist.all_reduce(flat, group=group))
+    flat /= replicas
+    offset = 0
+    for t in grads:
+        t.copy_(flat[offset: offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 class Control:
     """Collectives of all ranks over the control group (gloo): objects, barriers.
 

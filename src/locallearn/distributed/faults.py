@@ -37,9 +37,12 @@ def describe_failure(codes: list[int | None], died: dict[int, float], stopped: s
         stage, group = divmod(rank, cfg.split.groups)
         where = f"stage {stage + 1}, group {group + 1}"
     else:
-        stages = assign_stages(cfg.split.k, cfg.engine.workers)[rank]
+        replica, worker = divmod(rank, cfg.engine.workers)
+        stages = assign_stages(cfg.split.k, cfg.engine.workers)[worker]
         where = f"stage {stages.start + 1}" if len(stages) == 1 else \
             f"stages {stages.start + 1}-{stages.stop}"
+        if cfg.engine.replicas > 1:
+            where += f", replica {replica + 1}"
     try:
         epoch = runs.load_checkpoint(run_dir)["epoch"]
         saved = (f"the last good checkpoint (epoch {epoch}) is in {run_dir}; continue with "

@@ -203,7 +203,7 @@ def spawn_workers(cfg: RunConfig, resume: str | Path | None, run_dir: Path,
     Raises:
         PipelineError: if a worker fails; the others are stopped within ``grace`` s.
     """
-    world = cfg.engine.workers
+    world = cfg.engine.workers * cfg.engine.replicas
     init = f"tcp://127.0.0.1:{free_port()}"
     reports = Path(tempfile.mkdtemp(prefix="locallearn-ranks-"))
     ctx = worker_context()
@@ -393,21 +393,39 @@ def build_trainer(setup: Setup, data: Any, env: WorkerEnv, device: torch.device,
         torch.set_rng_state(setup.rng)  # every rank initialises the net as one process would
         net = build_net(cfg, data if data is not None else placeholder_data(setup.data))
     data = data if data is not None else placeholder_data(setup.data)
-    ranges = assign_stages(net.k, env.world)
     e = cfg.engine
+    if env.world % e.replicas:
+        raise ConfigError(f"engine.replicas={e.replicas} copies of every worker need a world size "
+                          f"that is a multiple of {e.replicas}, not {env.world}")
+    workers, replicas = env.world // e.replicas, e.replicas
+    d, w = divmod(env.rank, workers)  # replica d of worker w; replica 0 is ranks 0..W-1
+    ranges = assign_stages(net.k, workers)
+    replica_groups = [dist.new_group([r * workers + j for r in range(replicas)])
+                      for j in range(workers)] if replicas > 1 else [None] * workers
     wire = device if data_group_backend(data_group) == "nccl" else torch.device("cpu")
-    mine = ranges[env.rank]
-    inbox = Inbox(env.rank - 1, data_group, wire, device, e.queue, e.timeout) if env.rank else None
-    outbox = (Outbox(env.rank + 1, data_group, wire, e.queue, e.timeout)
-              if env.rank < env.world - 1 else None)
+
+    def inbox(src: int) -> Inbox:
+        return Inbox(src, data_group, wire, device, e.queue, e.timeout)
+
+    def outbox(dst: int) -> Outbox:
+        return Outbox(dst, data_group, wire, e.queue, e.timeout)
+
+    mine = ranges[w]
     needs = {j for k in range(mine.stop, net.k) for j in net.needs(k)} if net.needs_trail else set()
     update = StageUpdate(resolve_config(cfg.train, device))
-    engine = PipelineEngine(mine, inbox, outbox, e.micro_batches, sorted(needs), device, update,
-                            control, e.share_every)
+    engine = PipelineEngine(
+        mine, inbox(env.rank - 1) if w else None,
+        outbox(env.rank + 1) if w < workers - 1 else None, e.micro_batches, sorted(needs),
+        device, update, control, e.share_every, replicas=replicas, replica=d,
+        replica_group=replica_groups[w],
+        shard_out=[outbox(r * workers) for r in range(1, replicas)] if env.rank == 0 else [],
+        shard_in=inbox(0) if w == 0 and d > 0 else None)
     return Trainer(net, data, cfg, Path(setup.run_dir), engine,
                    optimizers=ship.optimizers if ship is not None else None,
                    train_data=ship.train_data if ship is not None else None,
-                   comm=control, placement=Placement(mine, ranges), device=device)
+                   comm=control, placement=Placement(mine, [ranges[r % workers]
+                                                            for r in range(env.world)], d == 0),
+                   device=device)
 
 
 def data_group_backend(group: Any) -> str:

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from locallearn.distributed.comm import Inbox, Outbox, gather_siblings
+from locallearn.distributed.comm import Inbox, Outbox, average_gradients, gather_siblings
 from locallearn.distributed.wire import EVAL, STOP, TRAIN, Packet
 from locallearn.engines.base import StageUpdate, stage_loss
 from locallearn.groups import GroupNode
@@ -90,9 +90,12 @@ def merge_tallies(tallies: Sequence[EvalTally], k: int) -> dict[str, Any]:
         for s, counts in t.groups.items():
             groups[s] = [pct(c) for c in counts]
     any_predicts = any(a is not None for a in acc)  # else (self-supervised) no ensemble
+    # the first rank of the last stage scores the ensembles (its group siblings and
+    # replicas count alike or nothing)
+    last = next(t for t in tallies if k - 1 in t.stages)
     out: dict[str, Any] = {"stage_acc": acc, "final_acc": acc[-1], "n": n,
                            **{key: pct(v) if any_predicts else None
-                              for key, v in tallies[-1].ensembles.items()}}
+                              for key, v in last.ensembles.items()}}
     if any(g is not None for g in groups):
         out["group_acc"] = groups
     return out
@@ -155,6 +158,12 @@ class PipelineEngine:
         node: this rank's group node (group placement).
         siblings: the process group of the node's stage (group placement).
         wire: where tensors must be to travel (``cuda`` for NCCL; default the CPU).
+        replicas: data-parallel copies of this node (``engine.replicas``): each trains on
+            a shard of every batch, and their gradients are averaged over
+            ``replica_group`` before every optimizer step.
+        replica: which copy this is (0 reads, evaluates and saves).
+        shard_out: on rank 0, the first nodes of the other replicas (a shard each).
+        shard_in: on the first node of replica d > 0, the link its shard comes from.
 
     Attribute ``active`` (stage indices, or ``None`` for all) names the stages that
     train (dynamic layer accumulation), as for the sequential engine.
@@ -169,7 +178,9 @@ class PipelineEngine:
                  comm: Any = None, share_every: int = 1, *, fan_in: Sequence[Inbox] = (),
                  fan_out: Sequence[Outbox] = (), handoff: Sequence[Outbox] = (),
                  node: GroupNode | None = None, siblings: Any = None,
-                 wire: torch.device | str | None = None) -> None:
+                 wire: torch.device | str | None = None, replicas: int = 1, replica: int = 0,
+                 replica_group: Any = None, shard_out: Sequence[Outbox] = (),
+                 shard_in: Inbox | None = None) -> None:
         if micro_batches < 1:
             raise ValueError(f"engine.micro_batches={micro_batches} must be at least 1")
         self.update = update or StageUpdate()
@@ -179,6 +190,8 @@ class PipelineEngine:
         self.fan_out = [outbox] if outbox is not None else list(fan_out)
         self.handoff = list(handoff)
         self.node, self.siblings = node, siblings
+        self.replicas, self.replica, self.replica_group = replicas, replica, replica_group
+        self.shard_out, self.shard_in = list(shard_out), shard_in
         self.micro_batches = micro_batches
         self.downstream_needs = set(downstream_needs)
         self.device = torch.device(device)
@@ -258,14 +271,26 @@ class PipelineEngine:
                 self._send(out, self.fan_out)
         for k in train:
             start = self._now()
+            if self.replicas > 1:  # the replicas' mean gradient: that of the whole batch
+                average_gradients(self.replica_group, optimizers[k], self.replicas)
             self.update.step(optimizers[k], k)
             self.stage_seconds[k] += self._now() - start
+        if self.replicas > 1:  # each replica's share of the batch loss; the shares add up
+            losses = [v / self.replicas for v in losses]
         return losses
 
     def _micro_batches(self, x: Activation | None, y: torch.Tensor | None) -> Iterator[Packet]:
+        if self.shard_in is not None:  # the first node of replica d > 0: its shard of the batch
+            shard = self.shard_in.get(TRAIN)
+            x, y = shard.h, shard.y
         if not self.fan_in:  # rank 0 cuts its data batch (and hands it to its siblings)
             if x is None or y is None:
                 raise ValueError("the first node (rank 0) needs the batch (x, y)")
+            if self.shard_out:  # replica d takes the d-th of `replicas` shards
+                shards = list(zip(_split(x, self.replicas), y.tensor_split(self.replicas)))
+                for link, (xs, ys) in zip(self.shard_out, shards[1:]):
+                    link.put(Packet(TRAIN, xs, ys, total=len(ys)))
+                x, y = shards[0]
             parts = min(self.micro_batches, len(y))
             for xi, yi in zip(_split(x, parts), y.tensor_split(parts)):
                 packet = Packet(TRAIN, xi, yi, total=len(y))
@@ -346,8 +371,9 @@ class PipelineEngine:
         :func:`locallearn.evaluate.evaluate`, the others ``None``."""
         tally = EvalTally()
         heads = [find_group_objective(s.objective) for s in net.stages]
-        self.evaluate_tally(net, tally, batches, heads)
-        self.flush()
+        if self.replica == 0:  # replica 0 evaluates; the copies hold the same weights
+            self.evaluate_tally(net, tally, batches, heads)
+            self.flush()
         tallies = comm.gather(tally)
         return merge_tallies(tallies, net.k) if tallies is not None else None
 
@@ -479,20 +505,21 @@ class PipelineEngine:
     def reset_clock(self) -> None:
         """Start counting compute time per stage afresh (at the start of an epoch)."""
         self.stage_seconds = {k: 0.0 for k in self.stages}
-        links: list[Inbox | Outbox] = [*self.fan_in, *self.fan_out, *self.handoff]
+        links: list[Inbox | Outbox] = [*self.fan_in, *self.fan_out, *self.handoff,
+                                       *self.shard_out]
         for link in links:
             link.wait_seconds = 0.0
 
     def flush(self) -> None:
         """Wait until every packet sent so far has left."""
-        for link in [*self.fan_out, *self.handoff]:
+        for link in [*self.fan_out, *self.handoff, *self.shard_out]:
             link.flush()
 
     def close(self) -> None:
         """Tell the peers the run is over, then wait for the receive threads to end."""
-        self._send(Packet(STOP), [*self.handoff, *self.fan_out])
+        self._send(Packet(STOP), [*self.handoff, *self.fan_out, *self.shard_out])
         self.flush()
-        for link in self.fan_in:
+        for link in [*self.fan_in, *([self.shard_in] if self.shard_in is not None else [])]:
             link.get(STOP)
             link.close()
 
