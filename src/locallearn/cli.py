@@ -1,6 +1,6 @@
 """The command line: a thin layer over the Python API.
 
-Subcommands: ``train``, ``eval``, ``probe``, ``split``, ``list``, ``compare`` and ``demo`` (the
+Subcommands: ``train``, ``eval``, ``probe``, ``split``, ``plan``, ``list``, ``compare`` and ``demo`` (the
 main job: BP beside local K=4 on the embedded data set). A user error (a
 :class:`locallearn.errors.UserError`) prints one line naming the problem and exits with
 status 2; any other exception is a bug and keeps its traceback. ``--help``, ``list`` and
@@ -179,6 +179,35 @@ def _split_nodes(args: argparse.Namespace, backbone: Any, cuts: list[int]) -> di
     return node_costs(net, torch.randn(2, *backbone.shapes[0]))
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """The scale model's recommendation for the configured model on ``--devices`` devices."""
+    import dataclasses
+
+    from locallearn import plan
+    from locallearn.build import _head_builder, build_backbone, build_data
+
+    link = plan.parse_link(args.link)
+    if args.devices < 1:
+        raise ConfigError(f"--devices {args.devices} is not allowed: it must be at least 1")
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config:  # no file given: the first word is an override
+        overrides.insert(0, config)
+        config = None
+    cfg = load_config(config, overrides)
+    data = build_data(cfg)
+    backbone = build_backbone(cfg, data)
+    device = dataclasses.replace(plan.H100, flops_per_s=args.tflops * 1e12,
+                                 memory_bytes=args.memory_gb * 1e9, call_seconds=args.call_us * 1e-6,
+                                 name=f"{args.tflops:g} TFLOP/s, {args.memory_gb:g} GB, "
+                                      f"{args.call_us:g} us per block and call")
+    blocks, heads = plan.costs_on(device, *plan.measure_blocks(backbone, _head_builder(cfg, backbone)))
+    batch = args.batch or cfg.data.batch_size * args.devices
+    result = plan.recommend(blocks, heads, args.devices, batch, link, device.memory_bytes)
+    print(f"{cfg.model.name} on {cfg.data.name}, {len(blocks)} blocks, {args.devices} devices")
+    print("\n".join(plan.describe(result, blocks, heads, link, device)))
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     for title, items in catalog.sections():
         print(f"{title}:")
@@ -258,6 +287,21 @@ def parser() -> argparse.ArgumentParser:
                    help="fraction of other groups' channels a group head sees (detached)")
     s.add_argument("--context", default="none", help="context supply: none, E, R1..Rn, RnE")
     s.set_defaults(fn=_cmd_split)
+    pl = sub.add_parser("plan", help="scale model: recommended K, placement, images/s and "
+                                     "memory per device on N devices")
+    pl.add_argument("config", nargs="?", help="YAML run file (optional)")
+    pl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model=resnet110")
+    pl.add_argument("--devices", type=int, required=True, help="devices to plan for")
+    pl.add_argument("--link", default="nvlink",
+                    help="nvlink (2 us, 450 GB/s), ethernet (10 us, 12.5 GB/s) or LATENCY_US,GBPS")
+    pl.add_argument("--tflops", type=float, default=300.0,
+                    help="achievable TFLOP/s per device (default: an H100 at ~30%% of bf16 peak)")
+    pl.add_argument("--memory-gb", type=float, default=80.0, help="memory per device")
+    pl.add_argument("--call-us", type=float, default=40.0,
+                    help="overhead per block per call (launches, framework), microseconds")
+    pl.add_argument("--batch", type=int, default=0,
+                    help="global batch per step (default: data.batch_size x devices)")
+    pl.set_defaults(fn=_cmd_plan)
     sub.add_parser("list", help="list models, objectives, engines, data sets").set_defaults(fn=_cmd_list)
     c = sub.add_parser("compare", help="table of finished runs side by side")
     c.add_argument("runs", nargs="+", metavar="RUN")

@@ -1,0 +1,183 @@
+"""Calibrate and validate the scale model (``locallearn.plan``) here, then project it to GPUs.
+
+Parts (``--parts``):
+
+============  ==================================================================================
+``link``       gloo ping-pong over loopback, 1 KB-16 MB, fitted to latency + bandwidth
+``validate``   short real ``engine=pipeline`` runs (ResNet-20, synthetic data, batch 64):
+               measured images/s beside two predictions --
+               ``from_run``: the run's own per-stage compute seconds (``stage_seconds``) and
+               data seconds, the fitted link and the fill/drain term: tests the flow-line
+               model (rate = batch / slowest node + its send);
+               ``from_alone``: per-stage seconds of a separate 1-worker run of the same K
+               (every stage timed alone on one thread), processor sharing over 2 cores: a
+               prediction that sees nothing of the measured run
+``project``    ResNet-110 (CIFAR, 32x32) and ViT-B/16 (224x224; and a 64-layer ViT-B to reach
+               K=64) on 8..1024 devices from MACs per block at a stated GPU throughput,
+               NVLink and 100 Gb/s Ethernet: throughput and memory per device of each scheme
+============  ==================================================================================
+
+The machine has 2 cores shared with other engineers' work; every measurement carries
+the 1-minute load average at its start. Usage:
+``OMP_NUM_THREADS=1 nice -n 10 python benchmarks/scale_model/run.py [--parts link validate project]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from locallearn import plan  # noqa: E402
+
+MODEL, BATCH, STEPS, EPOCHS = "resnet20", 64, 8, 3  # 1 warm-up epoch, median of the rest
+CONFIGS = [  # (K, workers, micro-batches, replicas)
+    (2, 1, 1, 1), (2, 2, 1, 1), (2, 2, 2, 1), (3, 3, 1, 1), (3, 2, 2, 1),
+    (4, 2, 1, 1), (4, 4, 1, 1), (4, 4, 2, 1), (2, 1, 1, 2),
+]
+TARGET_BYTES = 8  # int64 label per sample travels with the activation
+
+
+def overrides(k: int, workers: int, micro: int, replicas: int, out: str) -> list[str]:
+    """One short pipeline run: synthetic images, SGD, cuts balanced by MACs, no checkpoint."""
+    return [f"model={MODEL}", "data=synthetic",
+            f"data.options={{n_train: {BATCH * STEPS}, n_test: 64, shape: [3, 32, 32], "
+            "num_classes: 10}", f"data.batch_size={BATCH}", "objective.head=0c1f",
+            "optim=sgd", "optim.lr=0.01", "optim.schedule=constant", "split.by=macs",
+            f"split.k={k}", "engine=pipeline", f"engine.workers={workers}", "engine.threads=1",
+            f"engine.micro_batches={micro}", f"engine.replicas={replicas}",
+            f"train.epochs={EPOCHS}", f"train.eval_every={EPOCHS}", "train.checkpoint=false",
+            "train.progress=false", f"train.out_dir={out}", "train.precision=fp32"]
+
+
+def train(cfg: list[str]) -> list[dict[str, Any]]:
+    from locallearn import runs
+    from locallearn.config import load_config
+    from locallearn.runner import run
+
+    _, run_dir = run(load_config(None, cfg))
+    return runs.read_metrics(run_dir)
+
+
+def stage_bytes(k: int) -> tuple[list[float], list[float]]:
+    """Per stage: bytes per sample it sends (float32 output and the label), parameter bytes."""
+    from locallearn.build import split_cuts
+    from locallearn.config import load_config
+    from locallearn.models import build_model
+
+    backbone = build_model(MODEL, (3, 32, 32), 10)
+    cfg = load_config(None, overrides(k, 1, 1, 1, "unused"))
+    cuts = split_cuts(cfg, _FakeData(), backbone)
+    sizes, params, edges = [], [], [0, *cuts, len(backbone.blocks)]
+    for start, stop in zip(edges, edges[1:]):
+        n = 1
+        for s in backbone.shapes[stop]:
+            n *= s
+        sizes.append(4.0 * n + TARGET_BYTES)
+        params.append(4.0 * sum(p.numel() for b in backbone.blocks[start:stop]
+                                for p in b.parameters()))
+    return sizes, params
+
+
+class _FakeData:  # split_cuts needs only the shapes of the data
+    input_shape, num_classes, meta = (3, 32, 32), 10, {}
+
+
+def epoch_figures(rows: list[dict[str, Any]], k: int, workers: int) -> dict[str, Any]:
+    """Median over the epochs after the first: images/s, stage seconds, rank 0's data seconds."""
+    rest = rows[1:]
+    first = plan.contiguous(k, workers)[0]
+    med = statistics.median
+    stage = [med(r["stage_seconds"][j] for r in rest) for j in range(k)]
+    data = med(r["worker_busy"][0] * r["epoch_seconds"]
+               - sum(r["stage_seconds"][j] for j in first) for r in rest)
+    return {"images_per_s": med(r["samples_per_s"] for r in rest), "stage_seconds": stage,
+            "data_seconds": data, "efficiency": med(r["pipeline_efficiency"] for r in rest)}
+
+
+def predict(stage_seconds: list[float], data_seconds: float,
+            sizes: tuple[list[float], list[float]], link: plan.Link, workers: int, micro: int, replicas: int,
+            cores: float | None) -> float:
+    """Images/s of the local pipeline from per-epoch stage and data seconds of one rank."""
+    samples = BATCH * STEPS / replicas  # what one rank of a replica group computed per epoch
+    stages = [plan.StageCost(seconds=s / samples, out_bytes=b, param_bytes=p)
+              for s, b, p in zip(stage_seconds, *sizes)]
+    return plan.local_pipeline(stages, BATCH, link, workers, micro, replicas, STEPS, cores,
+                               data_seconds=data_seconds * replicas / STEPS).images_per_s
+
+
+def validate(link: plan.Link, out: str) -> list[dict[str, Any]]:
+    alone: dict[int, dict[str, Any]] = {}
+    rows = []
+    for k, w, m, d in CONFIGS:
+        if k not in alone:  # per-stage seconds with every stage timed alone on one thread
+            load = os.getloadavg()[0]
+            alone[k] = {**epoch_figures(train(overrides(k, 1, 1, 1, out)), k, 1), "load": load}
+            print(f"calibration K={k} W=1: {alone[k]['images_per_s']:.1f} images/s, "
+                  f"load {load:.2f}", flush=True)
+        load = os.getloadavg()[0]
+        start = time.time()
+        fig = epoch_figures(train(overrides(k, w, m, d, out)), k, w)
+        sizes = stage_bytes(k)
+        from_run = predict(fig["stage_seconds"], fig["data_seconds"], sizes, link, w, m, d, None)
+        from_alone = predict(alone[k]["stage_seconds"], alone[k]["data_seconds"], sizes, link,
+                             w, m, d, cores=2)
+        row = {"model": MODEL, "k": k, "workers": w, "micro_batches": m, "replicas": d,
+               "batch": BATCH, "steps_per_epoch": STEPS, "measured": fig["images_per_s"],
+               "predicted": from_run, "predicted_from_alone": from_alone,
+               "error_pct": 100 * (from_run / fig["images_per_s"] - 1),
+               "error_from_alone_pct": 100 * (from_alone / fig["images_per_s"] - 1),
+               "stage_seconds": fig["stage_seconds"], "data_seconds": fig["data_seconds"],
+               "calibration_stage_seconds": alone[k]["stage_seconds"],
+               "calibration_load": alone[k]["load"], "pipeline_efficiency": fig["efficiency"],
+               "load": load, "run_seconds": time.time() - start}
+        rows.append(row)
+        print(f"K={k} W={w} m={m} D={d}: measured {row['measured']:.1f}, predicted "
+              f"{from_run:.1f} ({row['error_pct']:+.1f} %), from alone {from_alone:.1f} "
+              f"({row['error_from_alone_pct']:+.1f} %), load {load:.2f}", flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--parts", nargs="+", default=["link", "validate", "project"])
+    a = p.parse_args()
+    results_path = HERE / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if "link" in a.parts:
+        from link import ping_pong
+
+        results["link"] = ping_pong()
+        print(f"link: latency {results['link']['latency_s'] * 1e6:.1f} us, bandwidth "
+              f"{results['link']['bandwidth_Bps'] / 1e9:.2f} GB/s", flush=True)
+    link = plan.Link(results["link"]["latency_s"], results["link"]["bandwidth_Bps"])
+    if "validate" in a.parts:
+        with tempfile.TemporaryDirectory() as out:
+            results["validation"] = validate(link, out)
+        results["validation_meta"] = {
+            "machine": f"{os.cpu_count()} CPU cores shared with other engineers' work; "
+                       "1 torch thread per worker; nice 10",
+            "model": f"{MODEL}, synthetic 3x32x32, batch {BATCH}, {STEPS} steps/epoch, "
+                     f"{EPOCHS} epochs (median of the last {EPOCHS - 1}), split.by=macs, 0c1f heads",
+            "predicted": "from the run's own stage_seconds + data seconds, fitted link, fill/drain",
+            "predicted_from_alone": "stage seconds of a 1-worker run of the same K, 2 shared cores",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if "project" in a.parts:
+        from project import project
+
+        results["projection"] = project()
+    results_path.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {results_path}")
+
+
+if __name__ == "__main__":
+    main()
