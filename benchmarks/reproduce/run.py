@@ -49,7 +49,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 RUNS = HERE / "runs"
 DATA_DIR = Path(os.environ.get("LOCALLEARN_DATA_DIR", ROOT.parent / "shared" / "data")).resolve()
-REPORTED = ("cpu", "full")  # protocols collected into results.json / results.md (not smoke)
+REPORTED = ("cpu", "full")  # protocols collected into results.json / results.md (not smoke);
+# the seeds protocols (below) are added to it once defined
 
 
 def _fast_defaults() -> tuple[str, ...]:
@@ -136,17 +137,32 @@ class Protocol:
     methods: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: METHODS)
     split_by: str = "memory"        # how local methods place their K-1 cuts
     train_size: int = 50000         # training samples per epoch (for --measure's estimate)
+    # -- the seeds' claims (issue 17); the InfoPro protocols leave these empty ----------------
+    claim: str = ""                 # the results.md section of this protocol ("": InfoPro's table)
+    model_extra: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # per-model overrides
+    cuts: Mapping[str, str] = field(default_factory=dict)  # split_by=cuts: model -> "[2, 4, 5]"
+    baseline: str = "bp"            # the method every gap is measured to
+    exit_methods: tuple[str, ...] = ()  # trained runs of these also get `locallearn eval --exit`
+    borrow: Mapping[str, str] = field(default_factory=dict)  # method -> protocol whose folders
+    # hold that cell (the same overrides, tested): one run serves both protocols
 
     def overrides(self, model: str) -> list[str]:
         """Every override shared by this protocol's runs of ``model``."""
         width = [] if self.width is None else [f"model.options={{width: {self.width:g}}}"]
         optim = [*self.optim, f"optim.lr={self.lr:g}"] if self.optim else [*_sgd(self.lr)]
-        return [f"model={model}", *width, *self.data, f"data.batch_size={self.batch}", *optim,
-                f"train.epochs={self.epochs}", "train.eval_every=1", "train.progress=false",
-                *self.extra]
+        return [f"model={model}", *width, *self.model_extra.get(model, ()), *self.data,
+                f"data.batch_size={self.batch}", *optim, f"train.epochs={self.epochs}",
+                "train.eval_every=1", "train.progress=false", *self.extra]
 
-    def method_overrides(self, method: str, k: int) -> list[str]:
-        return method_overrides(method, k, self.methods, self.split_by)
+    def method_overrides(self, method: str, k: int, model: str = "") -> list[str]:
+        out = method_overrides(method, k, self.methods, self.split_by)
+        if self.split_by == "cuts" and "split.k=1" not in out:
+            out.append(f"split.cuts={self.cuts[model or self.models[0]]}")
+        return out
+
+    def folder_name(self, method: str) -> str:
+        """The protocol folder under runs/ that holds ``method``'s runs."""
+        return self.borrow.get(method, self.name)
 
 
 ALL = tuple(METHODS)
@@ -169,6 +185,170 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in [
              data=("data=cifar10", "data.augment=basic", "data.train_subset=256",
                    "data.test_subset=128")),
 ]}
+
+
+
+# -- the seeds' own claims (issue 17): one protocol per claim --------------------------------
+# One protocol per claim, not one `seeds` protocol: the claims differ in model, data, optimizer,
+# batch and epochs, and a Protocol is one recipe. `--protocol seeds` runs them all, in the order
+# of SEEDS (cheapest claim first). Methods are written out per claim (a name means one thing
+# within a protocol; `dgl` of the groups claim has the groups preset's MLP heads, that of
+# context supply InfoPro's 1c2f). The preset each follows is named beside it.
+_SUPCON = "temperature: 0.1, projector: mlp, proj_dim: 128, proj_hidden: 512"
+_SIMCLR = "temperature: 0.5, neg_fraction: 1.0, projector: mlp, proj_hidden: 512, proj_dim: 128"
+_ADAM = ("optim=adam", "optim.weight_decay=0", "optim.schedule=cosine", "optim.min_lr=1e-5")
+_STRONG = ("data=cifar10", "data.augment=strong")
+
+
+def _grow_triggers(epochs: int, k: int = 4) -> str:
+    """The thesis' 50/100/150 of 200 epochs, scaled: stage i+1 joins after i/k of the epochs."""
+    return "[" + ", ".join(str(round(epochs * i / k)) for i in range(1, k)) + "]"
+
+
+def scpl_methods(epochs: int) -> dict[str, tuple[str, ...]]:
+    """SCPL, DASCPL and the ablations of issue 17 item 1 (configs/{scpl,dascpl}_vgg8.yaml)."""
+    scpl = ("engine=local", "objective=supcon", f"objective.options={{{_SUPCON}, proj_pool: avg}}")
+    dascpl = ("engine=local", "objective=supcon", "objective.predictor=0c1f",
+              f"objective.options={{{_SUPCON}, proj_pool: avg, classifier: none}}")
+    return {
+        "bp": METHODS["bp"],                      # end-to-end BP of the model's own task head
+        "scpl": scpl,                             # scpl_vgg8 / scpl_resnet18
+        "dascpl": dascpl,                         # dascpl_vgg8 without accumulation
+        "dascpl_grow": (*dascpl, "train.accumulate=grow",  # dascpl_vgg8 (triggers scaled)
+                        f"train.triggers={_grow_triggers(epochs)}"),
+        # ablations (protocol seeds-scpl-ablation): one knob of `scpl` each
+        "bp_basic": (*METHODS["bp"], "data.augment=basic"),
+        "scpl_basic": (*scpl, "data.augment=basic"),
+        "scpl_linproj": ("engine=local", "objective=supcon",
+                         "objective.options={temperature: 0.1, projector: linear, proj_dim: 128, "
+                         "proj_pool: avg}"),
+        "scpl_t05": ("engine=local", "objective=supcon",
+                     "objective.options={temperature: 0.5, projector: mlp, proj_dim: 128, "
+                     "proj_hidden: 512, proj_pool: avg}"),
+        "scpl_b1024": (*scpl, "data.batch_size=1024"),
+        "scpl_ce_all": ("engine=local", "objective=supcon",  # every stage adds a CE classifier
+                        f"objective.options={{{_SUPCON}, proj_pool: avg, classifier: all}}"),
+    }
+
+
+TEXT_METHODS: dict[str, tuple[str, ...]] = {
+    "bp": METHODS["bp"],
+    # text_scpl_imdb_lstm: SupCon on a mean-pooled MLP projector, CE classifier on the last
+    # stage, linear predictors on detached outputs (stage accuracies; the last answers by its)
+    "scpl": ("engine=local", "objective=supcon", "objective.predictor=linear",
+             f"objective.options={{{_SUPCON}}}"),
+}
+TEXT_MODELS = {  # text_{imdb,sst2}_{lstm,transformer}.yaml: the SCPL code's sizes
+    "lstm": ("model.options={embed_dim: 300, hidden: 300, layers: 4, pool: mean}",),
+    "transformer": ("model.options={dim: 300, heads: 6, ff: 1024, layers: 4, dropout: 0.1, "
+                    "norm_first: true, pool: mean}",),
+}
+
+
+def group_methods(gs: Sequence[int] = (2, 4, 8)) -> dict[str, tuple[str, ...]]:
+    """GN-DGL on VGG6a (configs/gndgl_vgg6a_cifar10.yaml: MLP heads, hidden 256): DGL and, per
+    G, plain groups, diversity, stop-gradient + diversity, and the capacity control."""
+    base = ("engine=local", "objective=ce", "objective.head=mlp")
+    out = {"bp": METHODS["bp"], "dgl": base}
+    for g in gs:
+        grouped = (*base, f"split.groups={g}")
+        out[f"gn{g}"] = grouped
+        out[f"gn{g}_div"] = (*grouped, "objective.diversity_weight=0.5")
+        out[f"gn{g}_sgdiv"] = (*grouped, "objective.detach_ratio=1.0",
+                               "objective.diversity_weight=0.5")
+        # control: plain groups whose heads have the stop-gradient heads' size. A rho=1 head
+        # flattens all C channels into its 256-wide hidden layer; a plain head flattens C/G, so
+        # a hidden layer G x 256 wide gives it the same weights and MACs (to the last layer's
+        # 256 (G-1) x 10) without the other groups' information.
+        out[f"gn{g}_wide"] = (*grouped, f"objective.options={{hidden: [{256 * g}]}}")
+    return out
+
+
+CONTSUP_METHODS: dict[str, tuple[str, ...]] = {
+    "bp": METHODS["bp"],
+    "dgl": METHODS["dgl"],                       # plain: the same cell as issue 15's dgl
+    # contsup_resnet32_cifar10 (R1E) and its E variant, with recomputed encoders (the
+    # encoders keep only their inputs and run again in backward: same training, less memory)
+    "contsup_e": (*METHODS["dgl"], "context=E", "context.recompute=true"),
+    "contsup_r1e": (*METHODS["dgl"], "context=R1E", "context.recompute=true"),
+}
+
+SELFSUP_METHODS: dict[str, tuple[str, ...]] = {
+    # selfsup_vgg6a_e2e: backprop of the last stage's NT-Xent; the K=4 cuts place the probes
+    "simclr_e2e": ("engine=backprop", "engine.aux_heads=false", "objective=simclr",
+                   f"objective.options={{{_SIMCLR}}}"),
+    "simclr_const": ("engine=local", "objective=simclr", f"objective.options={{{_SIMCLR}}}"),
+    # selfsup_vgg6a_sched: softer softmax, fewer negatives, wider projector early on
+    "simclr_sched": ("engine=local", "objective=simclr", f"objective.options={{{_SIMCLR}}}",
+                     "objective.difficulty={temperature: {rule: geometric, first: 1.0, last: 0.5}, "
+                     "neg_fraction: {rule: geometric, first: 0.0625, last: 1.0}, "
+                     "proj_hidden: {rule: geometric, first: 2048, last: 512}}"),
+}
+
+VISION_EPOCHS = 30  # the SCPL vision budget (README: why)
+SCPL_CUTS = {"vgg8": "[2, 4, 5]", "resnet18": "[3, 5, 7]"}  # the SCPL code's 4 modules
+_SCPL_VISION = dict(width=0.25, epochs=VISION_EPOCHS, batch=256, lr=1e-3, data=_STRONG,
+                    optim=_ADAM, split_by="cuts", cuts=SCPL_CUTS,
+                    methods=scpl_methods(VISION_EPOCHS), extra=_fast_defaults())
+SEEDS: dict[str, Protocol] = {p.name: p for p in [
+    # 1. SCPL vs BP, vision (Ho 2023): the thesis recipe (Adam 1e-3 cosine to 1e-5, strong
+    #    augmentation, avg-pool MLP projector, tau 0.1) at width 0.25, 30 epochs, batch 256.
+    Protocol("seeds-scpl-vision", "SCPL vs BP, VGG8 and ResNet-18, CIFAR-10", ("vgg8", "resnet18"),
+             cells=(("bp", 1), ("scpl", 4)), seeds=(0, 1), claim="scpl-vision", **_SCPL_VISION),
+    # 3. DASCPL on the SCPL VGG8 above (same recipe): per-stage predictors for early exit, and
+    #    dynamic layer accumulation; BP is the vision protocol's own run (borrowed).
+    Protocol("seeds-dascpl", "DASCPL: early exit and layer accumulation, VGG8", ("vgg8",),
+             cells=(("bp", 1), ("dascpl", 4), ("dascpl_grow", 4)), seeds=(0, 1),
+             claim="dascpl", exit_methods=("dascpl", "dascpl_grow"),
+             borrow={"bp": "seeds-scpl-vision"}, **_SCPL_VISION),
+    # 1b. what the gap of claim 1 comes from: one knob each, VGG8, seed 0 (run if the gap stays)
+    Protocol("seeds-scpl-ablation", "SCPL ablations, VGG8", ("vgg8",),
+             cells=tuple((m, 1 if m.startswith("bp") else 4) for m in (
+                 "bp_basic", "scpl_basic", "scpl_linproj", "scpl_t05", "scpl_b1024", "scpl_ce_all")),
+             seeds=(0,), claim="scpl-ablation", **_SCPL_VISION),
+    # 2. SCPL vs BP, text: the SCPL code's LSTM / Transformer (D=300, 4 layers, K=4), Adam 1e-3
+    #    cosine to 1e-5, batch 128; IMDB at max_len 350, SST-2 at 15.
+    Protocol("seeds-scpl-sst2", "SCPL vs BP, LSTM and Transformer, SST-2 (max_len 15)",
+             ("lstm", "transformer"), width=None, epochs=5, batch=128, lr=1e-3,
+             cells=(("bp", 1), ("scpl", 4)), seeds=(0, 1), data=("data=sst2", "data.options={max_len: 15}"), optim=_ADAM,
+             split_by="count", methods=TEXT_METHODS, model_extra=TEXT_MODELS,
+             train_size=67349, claim="scpl-text", extra=_fast_defaults()),
+    Protocol("seeds-scpl-imdb", "SCPL vs BP, LSTM and Transformer, IMDB (max_len 350)",
+             ("lstm", "transformer"), width=None, epochs=5, batch=128, lr=1e-3,
+             cells=(("bp", 1), ("scpl", 4)), seeds=(0, 1),
+             data=("data=imdb", "data.options={max_len: 350, vocab_size: 30000}"), optim=_ADAM,
+             split_by="count", methods=TEXT_METHODS, model_extra=TEXT_MODELS,
+             train_size=25000, claim="scpl-text", extra=_fast_defaults()),
+    # 4. GN-DGL, VGG6a at width 0.25 (32/64/128/128 channels, divisible by 8), K=4 (one conv a
+    #    stage), MLP heads, Adam 1e-3 cosine, batch 128, crop + flip.
+    Protocol("seeds-groups", "GN-DGL on VGG6a: DGL vs G = 2, 4, 8", ("vgg6a",), width=0.25,
+             epochs=20, batch=128, lr=1e-3,
+             cells=(("bp", 1), ("dgl", 4), *((f"gn{g}{v}", 4) for g in (2, 4, 8)
+                                            for v in ("", "_div", "_sgdiv", "_wide"))),
+             seeds=(0, 1), optim=(*_ADAM[:3], "optim.min_lr=0"), split_by="count",
+             methods=group_methods(), claim="groups", extra=_fast_defaults()),
+    # 5. ContSup, ResNet-32: issue 15's cpu recipe (width 0.5, 10 epochs, SGD 0.1 cosine,
+    #    memory-balanced cuts), so BP and plain K=8 are that protocol's runs (borrowed).
+    Protocol("seeds-contsup", "ContSup on ResNet-32: plain vs E vs R1E at K = 8, 16",
+             ("resnet32",), width=0.5, epochs=10, batch=128, lr=0.1,
+             cells=_cells(("bp", "dgl", "contsup_e", "contsup_r1e"), (8, 16)), seeds=(0, 1),
+             methods=CONTSUP_METHODS, claim="contsup", extra=_fast_defaults(),
+             borrow={"bp": "cpu", "dgl": "cpu"}),
+    # 6. local SimCLR, VGG6a at width 0.25, K=4 (one conv a stage), batch 256 (510 negatives),
+    #    Adam 1e-3 wd 1e-6 cosine, strong augmentation; linear probes of every stage at the end.
+    Protocol("seeds-selfsup", "local SimCLR K=4: e2e vs constant vs depth schedule", ("vgg6a",),
+             width=0.25, epochs=30, batch=256, lr=1e-3,
+             cells=tuple((m, 4) for m in SELFSUP_METHODS), seeds=(0, 1), data=_STRONG,
+             optim=("optim=adam", "optim.weight_decay=1e-6", "optim.schedule=cosine"),
+             split_by="count", methods=SELFSUP_METHODS, baseline="simclr_e2e", claim="selfsup",
+             extra=(*_fast_defaults(), "train.eval_every=1000")),
+]}
+PROTOCOLS.update(SEEDS)
+REPORTED = (*REPORTED, *SEEDS)
+# `--protocol seeds`: every claim, in this order (README: why); the ablation only on demand
+GROUPS: dict[str, tuple[str, ...]] = {"seeds": (
+    "seeds-groups", "seeds-contsup", "seeds-scpl-sst2", "seeds-scpl-vision", "seeds-dascpl",
+    "seeds-selfsup", "seeds-scpl-imdb")}
 
 
 # -- the matrix --------------------------------------------------------------------------------
@@ -197,13 +377,19 @@ class Run:
         return f"{self.method}/{self.k}/{self.seed}"
 
     def folder(self, runs: Path = RUNS) -> Path:
-        return runs / self.protocol.name / self.name
+        return runs / self.protocol.folder_name(self.method) / self.name
+
+    @property
+    def needs_exit(self) -> bool:
+        """Whether this run ends with an early-exit curve (``exit_curve.json``)."""
+        return self.method in self.protocol.exit_methods
 
     def overrides(self, runs: Path = RUNS, threads: int = 1, device: str = "") -> list[str]:
         """Every override of a fresh start of this run."""
-        out = [*self.protocol.overrides(self.model), *self.protocol.method_overrides(self.method, self.k),
+        out = [*self.protocol.overrides(self.model),
+               *self.protocol.method_overrides(self.method, self.k, self.model),
                f"train.seed={self.seed}", f"train.name={self.name}",
-               f"train.out_dir={runs / self.protocol.name}", f"data.data_dir={DATA_DIR}",
+               f"train.out_dir={self.folder(runs).parent}", f"data.data_dir={DATA_DIR}",
                f"engine.threads={threads}"]
         return out + ([f"engine.device={device}"] if device else [])
 
@@ -227,25 +413,67 @@ def _filter(only: Sequence[str]) -> Sequence[str]:
     return only
 
 
-def check_method(method: str, protocol: Protocol | None = None, k: int = 4) -> None:
-    """Refuse (SystemExit naming the method) a method the installed library cannot build."""
+def check_method(method: str, protocol: Protocol | None = None, k: int = 4,
+                 model: str = "") -> None:
+    """Refuse (SystemExit naming the method) a method the installed library cannot build:
+    keys the config lacks, a model, data set, objective, head, predictor or context mode it
+    does not register, or a model or objective option its builder does not take."""
     from locallearn.config import ConfigError, load_config
-    from locallearn.objectives import HEAD_KINDS, OBJECTIVES
 
     protocol = protocol or PROTOCOLS["cpu"]
+    model = model or protocol.models[0]
     try:
-        cfg = load_config(None, [*protocol.overrides(protocol.models[0]),
-                                 *protocol.method_overrides(method, k)])
+        cfg = load_config(None, [*protocol.overrides(model),
+                                 *protocol.method_overrides(method, k, model)])
     except ConfigError as e:
         raise SystemExit(f"method {method!r} is not available in this locallearn: {e} "
                          f"(update METHODS in {Path(__file__).name} to the library's preset)") from e
-    o = cfg.objective
-    missing = ([f"objective {o.name!r}"] * (o.name not in OBJECTIVES)
-               + [f"head {o.head!r}"] * (o.head not in HEAD_KINDS))
+    missing = unregistered(cfg)
     if missing:
         raise SystemExit(f"method {method!r} needs {' and '.join(missing)}, which this locallearn "
-                         f"does not register (`python -m locallearn list`); update METHODS in "
-                         f"{Path(__file__).name} once it lands")
+                         f"does not register or take (`python -m locallearn list`); update the "
+                         f"methods in {Path(__file__).name} once it lands")
+
+
+def _takes(fn: Callable[..., Any]) -> tuple[set[str], bool]:
+    """The keyword names ``fn`` takes and whether it also takes ``**kwargs``."""
+    import inspect
+
+    params = inspect.signature(fn).parameters.values()
+    return ({p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)},
+            any(p.kind == p.VAR_KEYWORD for p in params))
+
+
+def unregistered(cfg: Any) -> list[str]:
+    """What ``cfg`` names that the installed library does not register or take, in words.
+
+    The objective's options are checked against its builder's keywords; a builder that passes
+    ``**options`` on to its head (``ce``) takes the head builder's keywords too, so an option
+    nobody reads (a typo) is refused here instead of being swallowed by the run.
+    """
+    from locallearn.data.core import DATASETS
+    from locallearn.models.blocks import MODELS
+    from locallearn.objectives import HEAD_KINDS, OBJECTIVES
+    from locallearn.objectives.base import STAGE_KEYS, WRAPPERS
+    from locallearn.objectives.heads import build_head
+
+    o, missing = cfg.objective, []
+    missing += [f"model {cfg.model.name!r}"] * (cfg.model.name not in MODELS)
+    missing += [f"data set {cfg.data.name!r}"] * (cfg.data.name not in DATASETS)
+    missing += [f"objective {o.name!r}"] * (o.name not in OBJECTIVES)
+    missing += [f"head {h!r}" for h in dict.fromkeys((o.head, *o.heads)) if h not in HEAD_KINDS]
+    missing += [f"predictor head {o.predictor!r}"] * bool(o.predictor and o.predictor not in HEAD_KINDS)
+    if cfg.model.name in MODELS:
+        names, _ = _takes(MODELS[cfg.model.name][0])
+        missing += [f"model option {cfg.model.name}.{key}" for key in cfg.model.options
+                    if key not in names]
+    if o.name in OBJECTIVES:
+        names, more = _takes(OBJECTIVES[o.name][0])
+        if more:
+            names |= _takes(build_head)[0]
+        names |= set(WRAPPERS) | set(STAGE_KEYS)
+        missing += [f"objective option {o.name}.{key}" for key in o.options if key not in names]
+    return missing
 
 
 def check_protocol_keys(protocol: Protocol) -> None:
@@ -303,10 +531,13 @@ def pid_alive(folder: Path) -> int | None:
 
 
 def state(run: Run, runs: Path = RUNS) -> str:
-    """``done``, ``running``, ``interrupted`` (resumable), ``stale`` (no checkpoint) or ``left``."""
+    """``done``, ``running``, ``interrupted`` (resumable), ``stale`` (no checkpoint), ``left``,
+    or ``evaluate`` (trained, its early-exit curve not yet drawn: ``Protocol.exit_methods``)."""
     folder = run.folder(runs)
     summary = _read_json(folder / "summary.json")
     if summary and summary.get("epochs", 0) >= run.protocol.epochs:
+        if run.needs_exit and not (folder / "exit_curve.json").is_file():
+            return "running" if pid_alive(folder) else "evaluate"  # trained; exit curve to do
         return "done"
     if pid_alive(folder):
         return "running"
@@ -328,11 +559,36 @@ def result_row(run: Run, runs: Path = RUNS) -> dict[str, Any] | None:
         return None
     accs = [r["final_acc"] for r in metrics(folder) if r.get("final_acc") is not None]
     p = run.protocol
-    return {"protocol": p.name, "model": run.model, "width": p.width, "epochs": summary["epochs"],
-            "method": run.method, "k": run.k, "seed": run.seed,
-            "final_acc": summary.get("final_acc"), "best_acc": max(accs, default=None),
-            "train_seconds": summary.get("train_seconds"),
-            "saved_bytes_peak": summary.get("saved_bytes_peak")}
+    row = {"protocol": p.name, "model": run.model, "width": p.width, "epochs": summary["epochs"],
+           "method": run.method, "k": run.k, "seed": run.seed,
+           "final_acc": summary.get("final_acc"), "best_acc": max(accs, default=None),
+           "train_seconds": summary.get("train_seconds"),
+           "saved_bytes_peak": summary.get("saved_bytes_peak")}
+    if not p.claim:
+        return row
+    return {**row, "run": f"{folder.parent.name}/{folder.name}", **claim_fields(folder, summary, p)}
+
+
+def claim_fields(folder: Path, summary: Mapping[str, Any], p: Protocol) -> dict[str, Any]:
+    """The extra fields of a seeds-claim row: per-stage accuracy, ensemble, node MACs, the
+    training-MACs fraction (layer accumulation), the early-exit summary and the probes."""
+    fractions = [r["train_macs_fraction"] for r in metrics(folder) if "train_macs_fraction" in r]
+    exit_curve = _read_json(folder / "exit_curve.json")
+    exit_fields = None
+    if exit_curve:
+        exit_fields = {"full_acc": exit_curve["full_acc"], "best": exit_curve.get("best_within_1pt"),
+                       "fixed": [{k: f[k] for k in ("stage", "acc", "macs_fraction")}
+                                 for f in exit_curve.get("fixed", [])],
+                       "curve": sorted([p_["macs_fraction"], p_["acc"]]
+                                       for p_ in exit_curve.get("curve", []))}
+    return {"claim": p.claim, "data": next((d.split("=", 1)[1] for d in p.data
+                                            if d.startswith("data=")), ""),
+            "stage_acc": summary.get("stage_acc"), "ens_weighted": summary.get("ens_weighted"),
+            "largest_node_macs": summary.get("largest_node_macs"),
+            "total_macs": summary.get("total_macs"),
+            "train_macs_fraction": sum(fractions) / len(fractions) if fractions else None,
+            "exit": exit_fields, "probe_acc": summary.get("probe_acc"),
+            "effective_rank": summary.get("effective_rank")}
 
 
 def epoch_estimate(run: Run, runs: Path, finished: list[tuple[Run, float]],
@@ -366,7 +622,7 @@ def status(protocol: Protocol, only: Sequence[str] = (), runs: Path = RUNS,
         folder, s = r.folder(runs), states[r.name]
         done_epochs = len(metrics(folder)) if s != "stale" else 0
         spent += train_seconds(folder)
-        left = 0 if s == "done" else protocol.epochs - done_epochs
+        left = 0 if s in ("done", "evaluate") else protocol.epochs - done_epochs
         per_epoch = epoch_estimate(r, runs, finished, measured) if left else 0.0
         if per_epoch is None:
             unknown += 1
@@ -375,7 +631,7 @@ def status(protocol: Protocol, only: Sequence[str] = (), runs: Path = RUNS,
         lines.append(f"  {r.name:<34} {s:<12} {done_epochs:>4}/{protocol.epochs} epochs  "
                      f"{duration(train_seconds(folder)):>8}")
     counts = {s: sum(v == s for v in states.values())
-              for s in ("done", "running", "interrupted", "stale", "left")}
+              for s in ("done", "running", "evaluate", "interrupted", "stale", "left")}
     return {"protocol": protocol.name, "runs": len(plan), "counts": counts, "lines": lines,
             "spent_seconds": spent, "needed_seconds": needed,
             "needed_wall_seconds": needed / max(jobs, 1), "unestimated": unknown}
@@ -404,6 +660,9 @@ def command(run: Run, runs: Path = RUNS, threads: int = 1, device: str = "") -> 
     """The CLI command that starts ``run`` afresh or continues it from its checkpoint."""
     base = [sys.executable, "-m", "locallearn", "train"]
     folder = run.folder(runs)
+    if run.needs_exit and state(run, runs) == "evaluate":  # accuracy vs MACs of every exit
+        return [sys.executable, "-m", "locallearn", "eval", str(folder), "--exit",
+                "--data-dir", str(DATA_DIR)]
     if (folder / "checkpoint.pt").is_file():  # resumed runs keep their saved config, but the
         # data may have moved (another machine) and the threads are this invocation's
         return [*base, "--resume", str(folder), f"train.epochs={run.protocol.epochs}",
@@ -414,7 +673,7 @@ def command(run: Run, runs: Path = RUNS, threads: int = 1, device: str = "") -> 
 def start(run: Run, runs: Path, threads: int, device: str) -> subprocess.Popen[bytes]:
     """Start ``run`` in a subprocess (log beside its folder); a pid file marks it running."""
     folder = run.folder(runs)
-    if folder.exists() and not (folder / "checkpoint.pt").is_file():
+    if folder.exists() and state(run, runs) == "stale":
         shutil.rmtree(folder)  # killed before its first checkpoint: nothing to resume
     folder.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -442,7 +701,8 @@ def advance(plan: list[Run], runs: Path, jobs: int, threads: int, device: str,
 
     Ctrl-C stops the running runs too (each keeps its last epoch's checkpoint) and exits 130.
     """
-    todo = [r for r in plan if state(r, runs) in ("interrupted", "stale", "left")]
+    todo = [r for r in plan if state(r, runs) in ("interrupted", "stale", "left", "evaluate")]
+    evaluated: set[str] = set()  # runs whose exit curve was attempted (once per invocation)
     print(f"{len(todo)} runs to train ({len(plan) - len(todo)} done or running)", flush=True)
     active: dict[subprocess.Popen[bytes], Run] = {}
     failures = 0
@@ -450,13 +710,19 @@ def advance(plan: list[Run], runs: Path, jobs: int, threads: int, device: str,
         while todo or active:
             while todo and len(active) < jobs:
                 r = todo.pop(0)
-                how = "resume" if (r.folder(runs) / "checkpoint.pt").is_file() else "fresh"
+                how = ("exit curve" if state(r, runs) == "evaluate" else "resume"
+                       if (r.folder(runs) / "checkpoint.pt").is_file() else "fresh")
+                evaluated.update([r.name] if how == "exit curve" else [])
                 print(f"start {r.name} ({how})", flush=True)
                 active[start(r, runs, threads, device)] = r
             time.sleep(1.0)
             for proc in [p for p in active if p.poll() is not None]:
                 r = active.pop(proc)
                 _pid_file(r, runs).unlink(missing_ok=True)
+                if proc.returncode == 0 and state(r, runs) == "evaluate" and r.name not in evaluated:
+                    evaluated.add(r.name)  # trained: draw its exit curve next
+                    todo.insert(0, r)
+                    continue
                 ok = proc.returncode == 0 and state(r, runs) == "done"
                 failures += not ok
                 print(f"{'done' if ok else 'FAILED'} {r.name} (exit {proc.returncode}; log "
@@ -505,14 +771,18 @@ def measure(protocol: Protocol, steps: int, only: Sequence[str], threads: int, d
     cells: dict[str, Any] = {}
     steps_per_epoch = math.ceil(protocol.train_size / protocol.batch)
     for run in [r for r in matrix(protocol, only) if r.seed == protocol.seeds[0]]:
+        # one epoch of the whole net: accumulation (which trains fewer stages early) is off, so
+        # a grow run is estimated at its upper bound
+        grow = ["train.accumulate=none", "train.triggers=[]"] * any(
+            o.startswith("train.accumulate=") for o in run.overrides(scratch))
         cmd = [sys.executable, "-m", "locallearn", "train", *run.overrides(scratch, threads, device),
                "train.epochs=1", "train.checkpoint=false", f"data.train_subset={steps * protocol.batch}",
-               "data.test_subset=256"]
+               "data.test_subset=256", *grow]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
-        rows = metrics(scratch / protocol.name / run.name)
+        rows = metrics(run.folder(scratch))
         if done.returncode or not rows:
             print(f"{run.name}: failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
             continue
@@ -593,7 +863,17 @@ def grouped(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str, int], list[
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """results.md: mean ± std per (method, K) beside InfoPro's Table 2, gaps to BP in points."""
+    """results.md: InfoPro's table (issue 15), then a section per seeds claim (issue 17)."""
+    info = [r for r in rows if not r.get("claim")]
+    claims = [r for r in rows if r.get("claim")]
+    text = infopro_markdown(info)
+    if claims or any(p.claim for p in PROTOCOLS.values()):
+        text += "\n" + seeds_markdown(claims)
+    return text
+
+
+def infopro_markdown(rows: list[dict[str, Any]]) -> str:
+    """mean ± std per (method, K) beside InfoPro's Table 2, gaps to BP in points."""
     if not rows:
         return "# Reproduce: results\n\nNo run of the cpu or full protocol has finished yet.\n"
     groups = grouped(rows)
@@ -674,6 +954,322 @@ def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     return paths
 
 
+# -- report: the seeds' claims (issue 17) -----------------------------------------------------
+# Published figures beside our cells: (claim, model, method, K) -> (accuracy %, source).
+PUBLISHED_SEEDS: dict[tuple[str, str, str, int], tuple[float, str]] = {
+    ("groups", "vgg6a", "dgl", 4): (92.25, "Patel et al. 2023"),
+    ("groups", "vgg6a", "gn2", 4): (91.63, "Patel et al. 2023"),
+    ("groups", "vgg6a", "gn4", 4): (90.55, "Patel et al. 2023"),
+    ("groups", "vgg6a", "gn8", 4): (89.07, "Patel et al. 2023"),
+    ("contsup", "resnet32", "bp", 1): (92.63, "InfoPro T2"),
+    ("contsup", "resnet32", "dgl", 8): (85.83, "InfoPro T2"),
+    ("contsup", "resnet32", "dgl", 16): (83.79, "InfoPro T2"),
+    ("scpl-text", "lstm", "scpl", 4): (89.84, "Ho 2023, IMDB, model unspecified"),
+    ("scpl-text", "transformer", "scpl", 4): (89.84, "Ho 2023, IMDB, model unspecified"),
+}
+CLAIMS: dict[str, tuple[str, str]] = {  # claim -> (title, goal and published context)
+    "scpl-vision": ("1. SCPL vs BP, vision (VGG8, ResNet-18, CIFAR-10)",
+                    "Goal: SCPL within 1 point of BP. The thesis (Ho 2023) presents SCPL as a BP "
+                    "alternative at 200 epochs, batch 1024; no CIFAR-10 figure of it is at hand "
+                    "here (METHODS.md §4 quotes Tiny-ImageNet 48.95%), so only the gap is compared."),
+    "scpl-ablation": ("1b. SCPL ablations (VGG8, one knob each, seed 0)",
+                      "Which knob of the SCPL recipe the gap to BP comes from: weak augmentation, a "
+                      "linear projector, tau 0.5, batch 1024, a CE classifier on every stage."),
+    "scpl-text": ("2. SCPL vs BP, text (LSTM, Transformer; IMDB len 350, SST-2 len 15)",
+                  "Goal: BP and SCPL within 2 points of the thesis' IMDB 89.84% (model not "
+                  "stated), SCPL within 1 point of BP."),
+    "dascpl": ("3. DASCPL: early exit and dynamic layer accumulation (VGG8)",
+               "Goals: per-sample early exit saves >= 30% of inference MACs within 1 point of the "
+               "full network; `grow` within 1 point of the full network (dascpl) at fewer "
+               "training MACs. Early exit: max-softmax confidence, the cheapest threshold within "
+               "1 point (`locallearn eval RUN --exit`)."),
+    "groups": ("4. Neuron groups (GN-DGL, VGG6a, K=4)",
+               "Goal: the published ordering, plain groups losing accuracy as G grows and "
+               "stop-gradient + diversity recovering most of it; `_wide` (plain groups with heads "
+               "of the stop-gradient heads' size) separates information from head capacity. "
+               "Published (Patel et al. 2023, VGG6a, full width and training): DGL 92.25; "
+               "G = 2/4/8 plain 91.63/90.55/89.07; at G=6 89.8 plain, 90.57 with diversity, "
+               "91.9 with stop-gradient + diversity."),
+    "contsup": ("5. Context supply (ContSup, ResNet-32, K = 8, 16)",
+                "Goal: the gap to BP at least halved at K=16 within +10% saved-activation bytes "
+                "(of plain K=16). Published beside: InfoPro T2 (BP, DGL); ContSup's own table "
+                "(Yu et al. 2024) is not quoted in METHODS.md."),
+    "selfsup": ("6. Local SimCLR with depth-increasing difficulty (VGG6a, K=4)",
+                "Goal: first a budget at which e2e SimCLR clearly beats constant local SimCLR in "
+                "the last stage's linear probe, then the schedule closing >= 50% of that gap. The "
+                "thesis (Patel 2023) gives no figures, only that the schedule matched e2e."),
+}
+
+
+def _stat(values: Sequence[float | None], digits: int = 2) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    mean, std = mean_std(vals)
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if len(vals) > 1 else "")
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _per_stage(rs: Sequence[Mapping[str, Any]], key: str, digits: int = 1) -> str:
+    """The mean over seeds of a per-stage list field, as ``a / b / c``."""
+    lists = [r[key] for r in rs if r.get(key)]
+    if not lists:
+        return "-"
+    return " / ".join(f"{sum(v) / len(v):.{digits}f}" for v in zip(*lists))
+
+
+def score(row: Mapping[str, Any]) -> float | None:
+    """A row's accuracy: the test accuracy, or for self-supervised runs the last stage's probe."""
+    if row.get("claim") == "selfsup":
+        return (row.get("probe_acc") or [None])[-1]
+    return row.get("final_acc")
+
+
+def _gap(value: float | None, ref: float | None) -> str:
+    return "" if value is None or ref is None else f"{value - ref:+.2f}"
+
+
+def group_of(method: str) -> tuple[int, str]:
+    """(G, variant) of a groups-claim method: ``gn4_sgdiv`` -> (4, "sgdiv"), ``dgl`` -> (1, "")."""
+    if not method.startswith("gn"):
+        return 1, ""
+    g, _, variant = method[2:].partition("_")
+    return int(g), variant or "none"
+
+
+def seeds_markdown(rows: list[dict[str, Any]]) -> str:
+    """One section per claim (in CLAIMS' order): budget, goal, a table, a plot; `not run yet`
+    where no run of it has finished."""
+    out = ["# The seeds' own claims (issue 17)", "",
+           "Mean ± std over seeds (n) of the final epoch's test accuracy; gaps are to BP (the "
+           "claim's baseline) of the same protocol and model, in points. Budgets and why: "
+           "README.md. Our CIFAR-10 is the JPEG re-encoding in shared/data.", ""]
+    for claim, (title, goal) in CLAIMS.items():
+        protocols = [p for p in PROTOCOLS.values() if p.claim == claim]
+        out += [f"## {title}", "", goal, ""]
+        for p in protocols:
+            width = "" if p.width is None else f", width {p.width:g}"
+            out.append(f"- `{p.name}`: {', '.join(p.models)}{width}, {p.epochs} epochs, batch "
+                       f"{p.batch}, lr {p.lr:g}, {len(matrix(p))} runs")
+        out.append("")
+        mine = [r for r in rows if r.get("claim") == claim]
+        if not mine:
+            out += ["Not run yet.", ""]
+            continue
+        out += CLAIM_TABLES.get(claim, _table_plain)(mine) + [""]
+        if claim in CLAIM_PLOTS:
+            out += [f"![{claim}]({claim_plot_name(claim)})", ""]
+    return "\n".join(out)
+
+
+def _by_cell(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str, str, int], list[dict[str, Any]]]:
+    return grouped(list(rows))
+
+
+def _baseline(groups: Mapping[tuple[str, str, str, int], list[dict[str, Any]]], protocol: str,
+              model: str) -> float | None:
+    base = PROTOCOLS[protocol].baseline
+    rs = next((v for (p, m, meth, _), v in groups.items() if (p, m, meth) == (protocol, model, base)),
+              [])
+    return _mean([score(r) for r in rs])
+
+
+def _table_plain(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """SCPL vs BP (vision, text, ablations): accuracy, gap, published, stage accuracy."""
+    groups = _by_cell(rows)
+    out = ["| protocol | model | method | K | n | acc % | best % | gap to BP | published % "
+           "| stage acc % | train h / run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (protocol, model, method, k), rs in groups.items():
+        claim = rs[0]["claim"]
+        pub = PUBLISHED_SEEDS.get((claim, model, method, k))
+        pub_text = f"{pub[0]:.2f} ({pub[1]})" if pub and (claim != "scpl-text" or
+                                                          rs[0]["data"] == "imdb") else ""
+        acc = _mean([score(r) for r in rs])
+        gap = "" if method == PROTOCOLS[protocol].baseline else _gap(acc, _baseline(groups, protocol, model))
+        out.append(f"| {protocol} | {model} | {method} | {k} | {len(rs)} | "
+                   f"{_stat([score(r) for r in rs])} | {_stat([r['best_acc'] for r in rs])} | {gap} | "
+                   f"{pub_text} | {_per_stage(rs, 'stage_acc')} | "
+                   f"{_stat([(r['train_seconds'] or 0) / 3600 for r in rs])} |")
+    return out
+
+
+def _table_dascpl(rows: Sequence[dict[str, Any]]) -> list[str]:
+    groups = _by_cell(rows)
+    out = ["| method | n | acc % | gap to BP | stage acc % | train MACs % | early exit within 1 pt: "
+           "acc % @ MACs % | MACs saved % | fixed shortcut acc % @ MACs % |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    full = {}
+    for (protocol, model, method, _), rs in groups.items():
+        acc = _mean([score(r) for r in rs])
+        full[method] = acc
+        exits = [r["exit"] for r in rs if r.get("exit")]
+        bests = [e["best"] for e in exits if e.get("best")]
+        best = (f"{_stat([b['acc'] for b in bests])} @ {_stat([100 * b['macs_fraction'] for b in bests], 1)}"
+                if bests else ("none" if exits else "-"))
+        saved = _stat([100 * (1 - b["macs_fraction"]) for b in bests], 1) if bests else "-"
+        fixed = " / ".join(f"{f['stage']}: {f['acc']:.1f} @ {100 * f['macs_fraction']:.0f}"
+                           for f in exits[0]["fixed"]) if exits else "-"
+        frac = _mean([r.get("train_macs_fraction") for r in rs])
+        gap = "" if method == "bp" else _gap(acc, _baseline(groups, protocol, model))
+        out.append(f"| {method} | {len(rs)} | {_stat([score(r) for r in rs])} | {gap} | "
+                   f"{_per_stage(rs, 'stage_acc')} | {'100' if frac is None else f'{100 * frac:.0f}'} "
+                   f"| {best} | {saved} | {fixed} |")
+    if full.get("dascpl") is not None and full.get("dascpl_grow") is not None:
+        out += ["", f"grow vs the full network (dascpl): {full['dascpl_grow'] - full['dascpl']:+.2f} "
+                "points (goal: within 1)."]
+    return out
+
+
+def _table_groups(rows: Sequence[dict[str, Any]]) -> list[str]:
+    groups = _by_cell(rows)
+    out = ["| method | G | variant | n | acc % | ens 2^k % | gap to DGL | gap to BP | largest node "
+           "MMACs | published % |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (protocol, model, method, k), rs in groups.items():
+        acc = _mean([score(r) for r in rs])
+        dgl = _mean([score(r) for r in groups.get((protocol, model, "dgl", 4), [])])
+        g, variant = group_of(method) if method != "bp" else (0, "")
+        pub = PUBLISHED_SEEDS.get(("groups", model, method, k))
+        out.append(f"| {method} | {g or ''} | {variant} | {len(rs)} | {_stat([score(r) for r in rs])} "
+                   f"| {_stat([r.get('ens_weighted') for r in rs])} | "
+                   f"{'' if method in ('dgl', 'bp') else _gap(acc, dgl)} | "
+                   f"{'' if method == 'bp' else _gap(acc, _baseline(groups, protocol, model))} | "
+                   f"{_stat([(r.get('largest_node_macs') or 0) / 1e6 for r in rs])} | "
+                   f"{'' if pub is None else f'{pub[0]:.2f}'} |")
+    return out
+
+
+def _table_contsup(rows: Sequence[dict[str, Any]]) -> list[str]:
+    groups = _by_cell(rows)
+    out = ["| method | K | n | acc % | gap to BP | share of plain's gap closed | saved act MiB "
+           "| vs plain | published % |", "|---|---|---|---|---|---|---|---|---|"]
+    for (protocol, model, method, k), rs in groups.items():
+        acc, bp = _mean([score(r) for r in rs]), _baseline(groups, protocol, model)
+        plain = groups.get((protocol, model, "dgl", k), [])
+        plain_acc = _mean([score(r) for r in plain])
+        saved = _mean([r.get("saved_bytes_peak") for r in rs])
+        plain_saved = _mean([r.get("saved_bytes_peak") for r in plain])
+        closed = ("" if method in ("bp", "dgl") or None in (acc, bp, plain_acc) or bp == plain_acc
+                  else f"{100 * (acc - plain_acc) / (bp - plain_acc):.0f} %")
+        mem = ("" if method in ("bp", "dgl") or not saved or not plain_saved
+               else f"{100 * (saved / plain_saved - 1):+.1f} %")
+        pub = PUBLISHED_SEEDS.get(("contsup", model, method, k))
+        out.append(f"| {method} | {k} | {len(rs)} | {_stat([score(r) for r in rs])} | "
+                   f"{'' if method == 'bp' else _gap(acc, bp)} | {closed} | "
+                   f"{'-' if saved is None else f'{saved / 2**20:.1f}'} | {mem} | "
+                   f"{'' if pub is None else f'{pub[0]:.2f}'} |")
+    return out
+
+
+def _table_selfsup(rows: Sequence[dict[str, Any]]) -> list[str]:
+    groups = _by_cell(rows)
+    out = ["| method | n | last-stage probe % | gap to e2e | share of const's gap closed | "
+           "probe acc % per stage | effective rank per stage |", "|---|---|---|---|---|---|---|"]
+    e2e = const = None
+    for (_, _, method, _), rs in groups.items():
+        if method == "simclr_e2e":
+            e2e = _mean([score(r) for r in rs])
+        if method == "simclr_const":
+            const = _mean([score(r) for r in rs])
+    for (_, _, method, _), rs in groups.items():
+        acc = _mean([score(r) for r in rs])
+        closed = ("" if method != "simclr_sched" or None in (acc, e2e, const) or e2e == const
+                  else f"{100 * (acc - const) / (e2e - const):.0f} %")
+        out.append(f"| {method} | {len(rs)} | {_stat([score(r) for r in rs])} | "
+                   f"{'' if method == 'simclr_e2e' else _gap(acc, e2e)} | {closed} | "
+                   f"{_per_stage(rs, 'probe_acc')} | {_per_stage(rs, 'effective_rank', 0)} |")
+    return out
+
+
+CLAIM_TABLES: dict[str, Callable[[Sequence[dict[str, Any]]], list[str]]] = {
+    "dascpl": _table_dascpl, "groups": _table_groups, "contsup": _table_contsup,
+    "selfsup": _table_selfsup}
+
+
+def claim_plot_name(claim: str) -> str:
+    return f"seeds_{claim}.png"
+
+
+def _plot_acc_vs(ax: Any, rows: Sequence[dict[str, Any]], x_of: Callable[[dict[str, Any]], float],
+                 line_of: Callable[[dict[str, Any]], str], base: str) -> None:
+    """Mean ± std of ``score`` against ``x_of`` per line; the baseline as a horizontal line."""
+    lines: dict[str, dict[float, list[float]]] = {}
+    for r in rows:
+        if score(r) is None:
+            continue
+        if r["method"] == base:
+            continue
+        lines.setdefault(line_of(r), {}).setdefault(x_of(r), []).append(score(r))
+    for label, points in lines.items():
+        xs = sorted(points)
+        stats = [mean_std(points[x]) for x in xs]
+        ax.errorbar(xs, [m for m, _ in stats], yerr=[sd for _, sd in stats], marker="o",
+                    capsize=3, label=label)
+    bp = [score(r) for r in rows if r["method"] == base and score(r) is not None]
+    if bp:
+        ax.axhline(sum(bp) / len(bp), color="black", label=base)
+
+
+def plot_claim(claim: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """The claim's plot (CLAIM_PLOTS) from its rows: accuracy vs G (groups), vs K (context
+    supply), vs the MAC fraction (early exit), probe accuracy vs stage (local SimCLR)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if claim == "groups":
+        dgl = [r for r in rows if r["method"] == "dgl"]
+        grouped_rows = [r for r in rows if r["method"].startswith("gn")]
+        for variant in dict.fromkeys(group_of(r["method"])[1] for r in grouped_rows):
+            _plot_acc_vs(ax, dgl + [r for r in grouped_rows if group_of(r["method"])[1] == variant],
+                         lambda r: group_of(r["method"])[0], lambda r, v=variant: v, "bp")
+        pub = sorted((group_of(m)[0], v) for (c, _, m, _), (v, _) in PUBLISHED_SEEDS.items()
+                     if c == "groups")
+        if pub:
+            ax.plot(*zip(*pub), "k--", alpha=0.5, label="published, plain (Patel 2023)")
+        ax.set(xscale="log", xlabel="G (groups per stage; 1 = DGL)")
+        ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
+    elif claim == "contsup":
+        _plot_acc_vs(ax, rows, lambda r: r["k"], lambda r: r["method"], "bp")
+        ax.set(xscale="log", xlabel="K (stages)")
+        ax.set_xticks([8, 16], ["8", "16"])
+    elif claim == "dascpl":
+        for r in rows:
+            if r.get("exit"):
+                xs, ys = zip(*r["exit"]["curve"])
+                ax.plot(xs, ys, marker=".", label=f"{r['method']} s{r['seed']}")
+                fixed = r["exit"]["fixed"]
+                ax.plot([f["macs_fraction"] for f in fixed], [f["acc"] for f in fixed], "s",
+                        color=ax.lines[-1].get_color())
+        ax.set(xlabel="fraction of the full network's MACs")
+        ax.axvline(0.7, color="grey", ls=":", label="goal: 30 % saved")
+    elif claim == "selfsup":
+        for method in dict.fromkeys(r["method"] for r in rows):
+            probes = [r["probe_acc"] for r in rows if r["method"] == method and r.get("probe_acc")]
+            if probes:
+                stats = [mean_std(list(v)) for v in zip(*probes)]
+                ax.errorbar(range(1, len(stats) + 1), [m for m, _ in stats],
+                            yerr=[sd for _, sd in stats], marker="o", capsize=3, label=method)
+        ax.set(xlabel="stage")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set(ylabel="test accuracy (%)" if claim != "selfsup" else "linear-probe accuracy (%)",
+           title=CLAIMS[claim][0])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+CLAIM_PLOTS = ("groups", "contsup", "dascpl", "selfsup")
+
+
 def report(runs: Path = RUNS, out_dir: Path = HERE, protocols: Iterable[str] = REPORTED) -> str:
     """Re-render results.json, results.md and the plots from the run folders."""
     rows = collect(runs, protocols)
@@ -681,15 +1277,21 @@ def report(runs: Path = RUNS, out_dir: Path = HERE, protocols: Iterable[str] = R
     (out_dir / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     text = markdown(rows)
     (out_dir / "results.md").write_text(text)
-    if rows:
-        plot(rows, out_dir)
+    info = [r for r in rows if not r.get("claim")]
+    if info:
+        plot(info, out_dir)
+    for claim in CLAIM_PLOTS:
+        mine = [r for r in rows if r.get("claim") == claim]
+        if mine:
+            plot_claim(claim, mine, out_dir / claim_plot_name(claim))
     return text
 
 
 # -- command line ------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--protocol", choices=list(PROTOCOLS), default="cpu")
+    p.add_argument("--protocol", choices=[*PROTOCOLS, *GROUPS], default="cpu",
+                   help="a protocol, or a group of them (seeds: every claim of issue 17)")
     p.add_argument("--only", nargs="+", default=[], metavar="METHOD/K/SEED",
                    help="only these runs (shell wildcards, e.g. 'dgl/*/0'; MODEL/METHOD/K/SEED too)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once")
@@ -702,6 +1304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--measure", type=int, default=0, metavar="STEPS",
                    help="time STEPS optimizer steps of each cell; write runs/<protocol>/measure.json")
     a = p.parse_args(argv)
+    if a.protocol in GROUPS:
+        return run_group(a)
     protocol = PROTOCOLS[a.protocol]
     if a.device == "auto":
         import torch
@@ -723,19 +1327,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.status:
         print_status(status(protocol, a.only, jobs=a.jobs), a.jobs)
         return 0
-    check_protocol_keys(protocol)
-    for method in dict.fromkeys(r.method for r in plan):
-        check_method(method, protocol)
+    check_plan(protocol, plan)
     if a.measure:
         measure(protocol, a.measure, a.only, a.threads, a.device)
         return 0
     if a.dry_run:
-        for r in plan:
-            s = state(r)
-            print(f"# {r.name}: {s}")
-            if s not in ("done", "running"):
-                print(" ".join(f"'{c}'" if " " in c or "{" in c else c
-                               for c in command(r, threads=a.threads, device=a.device)))
+        print_dry_run(plan, a.threads, a.device)
         return 0
     # SIGTERM (`kill <pid>`) and SIGINT, even in the background, stop the runs like Ctrl-C
     signal.signal(signal.SIGTERM, _interrupt)
@@ -744,6 +1341,66 @@ def main(argv: Sequence[str] | None = None) -> int:
     rerender()
     print_status(status(protocol, a.only, jobs=a.jobs), a.jobs)
     return 1 if failures else 0
+
+
+
+def check_plan(protocol: Protocol, plan: Sequence[Run]) -> None:
+    """Refuse the protocol's keys and every (model, method, K) of ``plan`` the library lacks."""
+    check_protocol_keys(protocol)
+    for model, method, k in dict.fromkeys((r.model, r.method, r.k) for r in plan):
+        check_method(method, protocol, k, model)
+
+
+def group_plan(names: Sequence[str], only: Sequence[str] = ()) -> list[Run]:
+    """The runs of several protocols in order, each folder once (a borrowed cell is trained by
+    the first protocol that plans it)."""
+    plan = [r for name in names for r in matrix(PROTOCOLS[name], only)]
+    return list({r.folder(): r for r in reversed(plan)}.values())[::-1]
+
+
+def run_group(a: argparse.Namespace) -> int:
+    """``--protocol seeds``: status, dry run, measure, report or training of every protocol of
+    the group, in the group's order."""
+    names = GROUPS[a.protocol]
+    if a.report:
+        print(report())
+        return 0
+    if a.status:
+        for name in names:
+            print_status(status(PROTOCOLS[name], a.only, jobs=a.jobs), a.jobs)
+        return 0
+    if a.device == "auto":
+        import torch
+
+        a.device = "cuda" if torch.cuda.is_available() else ""
+    for name in names:
+        check_plan(PROTOCOLS[name], matrix(PROTOCOLS[name], _filter(a.only)))
+    if a.measure:
+        for name in names:
+            measure(PROTOCOLS[name], a.measure, a.only, a.threads, a.device)
+        return 0
+    plan = group_plan(names, a.only)
+    if a.dry_run:
+        print_dry_run(plan, a.threads, a.device)
+        return 0
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    failures = advance(plan, RUNS, a.jobs, a.threads, a.device, lambda: report())
+    report()
+    for name in names:
+        print_status(status(PROTOCOLS[name], a.only, jobs=a.jobs), a.jobs)
+    return 1 if failures else 0
+
+
+def print_dry_run(plan: Sequence[Run], threads: int, device: str) -> None:
+    """Each run's state and, for what is left to do, its command."""
+    for r in plan:
+        s = state(r)
+        print(f"# {r.protocol.name}/{r.name}: {s}" + (f" (folder of {r.folder().parent.name})"
+                                                      if r.folder().parent.name != r.protocol.name else ""))
+        if s not in ("done", "running"):
+            print(" ".join(f"'{c}'" if " " in c or "{" in c else c
+                           for c in command(r, threads=threads, device=device)))
 
 
 if __name__ == "__main__":
