@@ -1,0 +1,160 @@
+"""Two "hosts" on one machine: network namespaces joined by a veth pair, for multi-host tests.
+
+::
+
+    namespace ll<pid>a<n>  (host ll-<pid>-<n>-a)        namespace ll<pid>b<n>  (host ...-b)
+      lo 127.0.0.1                                        lo 127.0.0.1
+      va<pid>n<n> 10.77.<n>.1/24  ◄──── veth pair ────►   vb<pid>n<n> 10.77.<n>.2/24
+
+Each host is a namespace with its own loopback, its own interface and address, and (through
+``unshare --uts``) its own host name, which ``/etc/netns/<ns>/hosts`` resolves to its address
+(``ip netns exec`` mounts that file over ``/etc/hosts``). A namespace has no route but its
+/24 and loopback, so test traffic cannot leave the pair. The filesystem is shared: a run
+folder written by rank 0 on host A is read by host B's ranks.
+
+What torch needs to stay on the veth (checked in torch 2.13): ``--local-addr <address>`` for
+torchrun, so the rendezvous advertises the address rather than the host's FQDN as
+MASTER_ADDR and sorts host A (the lower address) first, i.e. node rank 0 = ranks 0..M-1; and
+``GLOO_SOCKET_IFNAME=<veth>``, so gloo binds its pairs to the veth's address instead of
+what the host name resolves to.
+
+:func:`host_pair` is a context manager; on leaving it (also on an error) it kills the
+process group of every process it started, then every process left in either namespace,
+deletes both namespaces (which deletes the veth pair) and their ``/etc/netns`` folders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+RDZV_PORT = 29500  # free by construction: the namespaces are new
+_count = itertools.count()
+
+
+def unavailable() -> str | None:
+    """Why two namespaces cannot be made here (None: they can)."""
+    if not sys.platform.startswith("linux"):
+        return "network namespaces need Linux"
+    if os.geteuid() != 0:
+        return "creating network namespaces needs root (run the multihost tests as root)"
+    for tool, package in (("ip", "iproute2"), ("unshare", "util-linux")):
+        if shutil.which(tool) is None:
+            return f"`{tool}` is missing (install {package})"
+    return None
+
+
+def _ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+
+@dataclass
+class Host:
+    """One namespace: its name, interface, address and host name, and what runs in it."""
+
+    ns: str
+    ifname: str
+    addr: str
+    hostname: str
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment of a process on this host: gloo on the veth, one thread."""
+        return {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1",
+                "GLOO_SOCKET_IFNAME": self.ifname, **extra}
+
+    def popen(self, cmd: Sequence[str], log: Path, **env: str) -> subprocess.Popen:
+        """Start ``cmd`` on this host, in its own process group, stdout+stderr into ``log``."""
+        wrapped = ["ip", "netns", "exec", self.ns, "unshare", "--uts", "sh", "-c",
+                   'hostname "$0" && exec "$@"', self.hostname, *cmd]
+        with open(log, "w") as out:
+            p = subprocess.Popen(wrapped, stdout=out, stderr=subprocess.STDOUT,
+                                 env=self.env(**env), start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def torchrun(self, node_rank: int, nproc: int, endpoint: str, run_id: str,
+                 args: Sequence[str], log: Path, **env: str) -> subprocess.Popen:
+        """``torchrun`` of ``locallearn train args`` as node ``node_rank`` of two."""
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+               "--node-rank", str(node_rank), "--nproc-per-node", str(nproc),
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", run_id,
+               "--local-addr", self.addr, "--max-restarts", "0", "--monitor-interval", "0.5",
+               "-m", "locallearn", "train", *args]
+        return self.popen(cmd, log, **env)
+
+    def kill(self) -> None:
+        """SIGKILL every process this host runs: the process groups it started, then any
+        process left in its namespace."""
+        for p in self.procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
+        for p in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(10)
+        for pid in _pids(self.ns):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _pids(ns: str) -> list[int]:
+    done = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+    return [int(p) for p in done.stdout.split()] if done.returncode == 0 else []
+
+
+@contextlib.contextmanager
+def host_pair() -> Iterator[tuple[Host, Host]]:
+    """Two hosts joined by a veth pair; everything is removed on exit, also on errors.
+
+    Raises:
+        RuntimeError: if ``ip`` refuses a step (the message is ip's).
+    """
+    n = next(_count) % 256
+    tag = f"{os.getpid()}n{n}"
+    hosts = tuple(Host(f"ll{tag}{side}", f"v{side}{tag}"[:15], f"10.77.{n}.{i}",
+                       f"ll-{os.getpid()}-{n}-{side}") for i, side in ((1, "a"), (2, "b")))
+    made: list[Host] = []
+    try:
+        for h in hosts:
+            _ip("netns", "add", h.ns)
+            made.append(h)
+            etc = Path("/etc/netns") / h.ns
+            etc.mkdir(parents=True, exist_ok=True)
+            (etc / "hosts").write_text("127.0.0.1 localhost\n" + "".join(
+                f"{o.addr} {o.hostname}\n" for o in hosts))
+        a, b = hosts
+        _ip("link", "add", a.ifname, "netns", a.ns, "type", "veth", "peer", "name", b.ifname,
+            "netns", b.ns)
+        for h in hosts:
+            _ip("-n", h.ns, "addr", "add", f"{h.addr}/24", "dev", h.ifname)
+            _ip("-n", h.ns, "link", "set", h.ifname, "up")
+            _ip("-n", h.ns, "link", "set", "lo", "up")
+        yield a, b
+    finally:
+        for h in made:
+            h.kill()
+        for h in made:
+            with contextlib.suppress(RuntimeError):
+                _ip("netns", "del", h.ns)
+            shutil.rmtree(Path("/etc/netns") / h.ns, ignore_errors=True)
+
+
+def wait_all(procs: Sequence[subprocess.Popen], timeout: float) -> list[int | None]:
+    """Wait for ``procs`` up to ``timeout`` seconds in all; the exit codes (None: running)."""
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(max(0.0, deadline - time.monotonic()))
+    return [p.poll() for p in procs]
