@@ -114,34 +114,45 @@ def _row(model: str, link: str, n: int, p: plan.Prediction, cuts: list[int]) -> 
             "bubble": p.bubble, "cuts": cuts}
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Images/s against devices: the best K of each scheme, per model and link."""
+def plot(rows: list[dict[str, Any]], path: Path, memory_at: int = 64) -> None:
+    """Top rows: images/s against devices (best K of each scheme), per model and link.
+    Bottom rows: memory per device against K on ``memory_at`` devices."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models, links = list(MODELS), list(plan.LINKS)
-    fig, axes = plt.subplots(len(links), len(models), figsize=(5 * len(models), 4 * len(links)),
-                             squeeze=False)
+    fig, axes = plt.subplots(2 * len(links), len(models), squeeze=False,
+                             figsize=(5 * len(models), 3.6 * 2 * len(links)))
+    schemes = ("local", "1f1b", "gpipe", "ddp")
+
+    def pick(model: str, link: str, n: int, scheme: str) -> list[dict[str, Any]]:
+        return [r for r in rows if (r["model"], r["link"], r["devices"], r["scheme"])
+                == (model, link, n, scheme)]
+
     for i, link in enumerate(links):
         for j, model in enumerate(models):
-            ax = axes[i][j]
-            for scheme in ("local", "1f1b", "gpipe", "ddp"):
-                pts = []
-                for n in DEVICES:
-                    sel = [r for r in rows if (r["model"], r["link"], r["devices"], r["scheme"])
-                           == (model, link, n, scheme)]
-                    if sel:
-                        pts.append((n, max(r["images_per_s"] for r in sel)))
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=scheme)
+            ax, mem = axes[i][j], axes[len(links) + i][j]
+            for scheme in schemes:
+                pts = [(n, max(r["images_per_s"] for r in sel)) for n in DEVICES
+                       if (sel := pick(model, link, n, scheme))]
+                ax.plot(*zip(*pts), marker="o", label=scheme)
+                sel = sorted(pick(model, link, memory_at, scheme), key=lambda r: r["k"])
+                if scheme == "ddp":
+                    mem.axhline(sel[0]["memory_gib"], color="C3", ls="--", label="ddp")
+                else:
+                    mem.plot([r["k"] for r in sel], [r["memory_gib"] for r in sel], marker="o",
+                             label=scheme)
             ax.set(xscale="log", yscale="log", title=f"{model}, {link}", xlabel="devices",
                    ylabel="images/s (best K)")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend()
+            mem.set(xscale="log", title=f"{model}, {link}, {memory_at} devices", xlabel="K",
+                    ylabel="GiB per device (largest)")
+            for a in (ax, mem):
+                a.grid(True, which="both", alpha=0.3)
+                a.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 

@@ -115,6 +115,12 @@ def predict(stage_seconds: list[float], data_seconds: float,
                                data_seconds=data_seconds * replicas / STEPS).images_per_s
 
 
+def bottleneck_only(stage_seconds: list[float], k: int, workers: int, replicas: int) -> float:
+    """Images/s of the bare bound batch / slowest node's compute (no link, data, fill/drain)."""
+    per_node = [sum(stage_seconds[j] for j in run) for run in plan.contiguous(k, workers)]
+    return BATCH * STEPS / max(per_node)
+
+
 def validate(link: plan.Link, out: str) -> list[dict[str, Any]]:
     alone: dict[int, dict[str, Any]] = {}
     rows = []
@@ -131,11 +137,14 @@ def validate(link: plan.Link, out: str) -> list[dict[str, Any]]:
         from_run = predict(fig["stage_seconds"], fig["data_seconds"], sizes, link, w, m, d, None)
         from_alone = predict(alone[k]["stage_seconds"], alone[k]["data_seconds"], sizes, link,
                              w, m, d, cores=2)
+        bare = bottleneck_only(fig["stage_seconds"], k, w, d)
         row = {"model": MODEL, "k": k, "workers": w, "micro_batches": m, "replicas": d,
                "batch": BATCH, "steps_per_epoch": STEPS, "measured": fig["images_per_s"],
                "predicted": from_run, "predicted_from_alone": from_alone,
                "error_pct": 100 * (from_run / fig["images_per_s"] - 1),
                "error_from_alone_pct": 100 * (from_alone / fig["images_per_s"] - 1),
+               "predicted_bottleneck_only": bare,
+               "error_bottleneck_only_pct": 100 * (bare / fig["images_per_s"] - 1),
                "stage_seconds": fig["stage_seconds"], "data_seconds": fig["data_seconds"],
                "calibration_stage_seconds": alone[k]["stage_seconds"],
                "calibration_load": alone[k]["load"], "pipeline_efficiency": fig["efficiency"],
@@ -145,6 +154,52 @@ def validate(link: plan.Link, out: str) -> list[dict[str, Any]]:
               f"{from_run:.1f} ({row['error_pct']:+.1f} %), from alone {from_alone:.1f} "
               f"({row['error_from_alone_pct']:+.1f} %), load {load:.2f}", flush=True)
     return rows
+
+
+def print_tables(results: dict[str, Any]) -> None:
+    """The README's tables (markdown) from ``results.json``."""
+    print("| K | workers | micro-batches | replicas | measured images/s | predicted | error % "
+          "| bottleneck-only error % | from-alone predicted | error % | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results["validation"]:
+        print(f"| {r['k']} | {r['workers']} | {r['micro_batches']} | {r['replicas']} | "
+              f"{r['measured']:.1f} | {r['predicted']:.1f} | {r['error_pct']:+.1f} | "
+              f"{r['error_bottleneck_only_pct']:+.1f} | {r['predicted_from_alone']:.1f} | "
+              f"{r['error_from_alone_pct']:+.0f} | {r['load']:.1f} |")
+    rows = results["projection"]["rows"]
+    from project import DEVICES, MODELS
+
+    print("\n| model | link | devices | local (K, m) | local images/s | local GiB | 1F1B (K, m) "
+          "| 1F1B images/s | 1F1B GiB | GPipe GiB | DDP images/s | DDP GiB | local / best BP |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for model in MODELS:
+        for link in plan.LINKS:
+            for n in DEVICES:
+                top = {}
+                for scheme in ("local", "1f1b", "gpipe", "ddp"):
+                    sel = [r for r in rows if (r["model"], r["link"], r["devices"], r["scheme"])
+                           == (model, link, n, scheme)]
+                    top[scheme] = max(sel, key=lambda r: r["images_per_s"])
+                lo, ob, gp, dp = top["local"], top["1f1b"], top["gpipe"], top["ddp"]
+                bp = max(ob["images_per_s"], dp["images_per_s"])
+                print(f"| {model} | {link} | {n} | {lo['k']}, {lo['micro_batches']} | "
+                      f"{lo['images_per_s']:,.0f} | {lo['memory_gib']:.2f} | {ob['k']}, "
+                      f"{ob['micro_batches']} | {ob['images_per_s']:,.0f} | {ob['memory_gib']:.2f} "
+                      f"| {gp['memory_gib']:.2f} | {dp['images_per_s']:,.0f} | "
+                      f"{dp['memory_gib']:.2f} | {lo['images_per_s'] / bp:.2f} |")
+    print("\n| model | link | K | local images/s | local GiB | 1F1B images/s | 1F1B GiB | "
+          "GPipe GiB | (N = 64 devices, D = 64 / K replicas) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for model in MODELS:
+        for link in plan.LINKS:
+            for r in [r for r in rows if (r["model"], r["link"], r["devices"], r["scheme"])
+                      == (model, link, 64, "local")]:
+                same = {s: next(x for x in rows if (x["model"], x["link"], x["devices"], x["k"],
+                                                   x["scheme"]) == (model, link, 64, r["k"], s))
+                        for s in ("1f1b", "gpipe")}
+                print(f"| {model} | {link} | {r['k']} | {r['images_per_s']:,.0f} | "
+                      f"{r['memory_gib']:.2f} | {same['1f1b']['images_per_s']:,.0f} | "
+                      f"{same['1f1b']['memory_gib']:.2f} | {same['gpipe']['memory_gib']:.2f} | |")
 
 
 def main() -> None:
@@ -172,9 +227,12 @@ def main() -> None:
             "predicted_from_alone": "stage seconds of a 1-worker run of the same K, 2 shared cores",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if "project" in a.parts:
-        from project import project
+        from project import plot, project
 
         results["projection"] = project()
+        plot(results["projection"]["rows"], HERE / "projection.png")
+    if "tables" in a.parts:
+        print_tables(results)
     results_path.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {results_path}")
 
