@@ -48,7 +48,7 @@ MODELS: dict[str, dict[str, Any]] = {  # name -> builder options; text models ge
                     "dropout": 0.0},
 }
 TEXT_LEN = 64
-STEP_SHARE = {"vgg8": 0.3, "vgg11": 0.5}  # the slow models take fewer timed steps (at least 2)
+STEP_SHARE = {"vgg8": 0.2, "vgg11": 0.5}  # the slow models take fewer timed steps (at least 2)
 SETTINGS = {  # name -> (precision, channels_last, compile)
     "fp32": ("fp32", "false", "false"),
     "bf16": ("bf16", "false", "false"),
@@ -105,7 +105,9 @@ def measure(model: str, setting: str, threads: int, batch: int, warmup: int,
     net = precision.prepare(build(model), choice)
     data = synthetic_batches(model, batch, 4)
     step = stepper(net, choice)
-    steps = max(2, round(steps * STEP_SHARE.get(model, 1.0)))
+    share = STEP_SHARE.get(model, 1.0)
+    steps = max(2, round(steps * share))
+    warmup = warmup if choice.compile else max(1, round(warmup * share))
     load = os.getloadavg()[0]
     start = time.perf_counter()
     for i in range(warmup):
