@@ -12,9 +12,12 @@ Each host is a namespace with its own loopback, its own interface and address, a
 /24 and loopback, so test traffic cannot leave the pair. The filesystem is shared: a run
 folder written by rank 0 on host A is read by host B's ranks.
 
-What torch needs to stay on the veth (checked in torch 2.13): ``--local-addr <address>`` for
+What pins torch to one interface of a host (checked in torch 2.13; here the hosts file
+would resolve the names right anyway, and the tests pass both to run the README's command
+verbatim): ``--local-addr <address>`` for
 torchrun, so the rendezvous advertises the address rather than the host's FQDN as
-MASTER_ADDR and sorts host A (the lower address) first, i.e. node rank 0 = ranks 0..M-1; and
+MASTER_ADDR (the workers' store) and sorts host A (the lower address) first, i.e. node 0 =
+ranks 0..M-1 (the c10d rendezvous ignores ``--node-rank``); and
 ``GLOO_SOCKET_IFNAME=<veth>``, so gloo binds its pairs to the veth's address instead of
 what the host name resolves to.
 
@@ -85,13 +88,16 @@ class Host:
         self.procs.append(p)
         return p
 
-    def torchrun(self, node_rank: int, nproc: int, endpoint: str, run_id: str,
-                 args: Sequence[str], log: Path, **env: str) -> subprocess.Popen:
-        """``torchrun`` of ``locallearn train args`` as node ``node_rank`` of two."""
+    def torchrun(self, nproc: int, endpoint: str, run_id: str, args: Sequence[str], log: Path,
+                 **env: str) -> subprocess.Popen:
+        """``torchrun`` of ``locallearn train args`` as one of two nodes (the README's command).
+
+        The c10d rendezvous ignores ``--node-rank``: it orders the nodes by their
+        ``--local-addr`` (as strings), so host A (10.77.n.1) is node 0 (ranks 0..nproc-1).
+        """
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
-               "--node-rank", str(node_rank), "--nproc-per-node", str(nproc),
-               "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", run_id,
-               "--local-addr", self.addr, "--max-restarts", "0", "--monitor-interval", "0.5",
+               "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", endpoint, "--rdzv-id", run_id, "--local-addr", self.addr,
                "-m", "locallearn", "train", *args]
         return self.popen(cmd, log, **env)
 

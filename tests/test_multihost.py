@@ -49,12 +49,12 @@ def hosts():
 
 def two_hosts(hosts, tmp_path: Path, run_id: str, args: list[str], port: int = netns.RDZV_PORT,
               env_b: dict[str, str] | None = None):
-    """Start ``locallearn train args`` as torchrun node 0 on host A and node 1 on host B."""
+    """Start ``locallearn train args`` under torchrun on host A (node 0) and host B (node 1)."""
     a, b = hosts
     endpoint = f"{a.addr}:{port}"
     logs = (tmp_path / f"{run_id}-a.log", tmp_path / f"{run_id}-b.log")
-    return [a.torchrun(0, 2, endpoint, run_id, args, logs[0]),
-            b.torchrun(1, 2, endpoint, run_id, args, logs[1], **(env_b or {}))], logs
+    return [a.torchrun(2, endpoint, run_id, args, logs[0]),
+            b.torchrun(2, endpoint, run_id, args, logs[1], **(env_b or {}))], logs
 
 
 def finish(procs, logs, limit: float = LIMIT) -> None:
