@@ -224,3 +224,19 @@ def test_data_parallel_stages_equal_one_copy_with_the_same_global_batch(tmp_path
     got, want = runs.read_metrics(folder)[-1], runs.read_metrics(one)[-1]
     assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-4)  # shares add up
     assert got["final_acc"] == want["final_acc"]
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_restarted_and_the_run_finishes_by_itself(tmp_path, monkeypatch):
+    """engine.max_restarts=1: torch's elastic agent restarts the workers after rank 1 dies,
+    they continue from the last checkpoint, and the weights are those of a run that was
+    never interrupted. (Slow: about 100 s here, most of it the agent stopping the group.)"""
+    cfg = config(tmp_path, "restarted", "split.k=2", "engine=pipeline", "engine.workers=2",
+                 "engine.max_restarts=1", "train.epochs=2")
+    monkeypatch.setenv("LOCALLEARN_FAULT", "1:11:exit")  # rank 1, step 4 of epoch 2
+    summary, folder = run(cfg)
+    assert summary["epochs"] == 2 and [r["epoch"] for r in runs.read_metrics(folder)] == [1, 2]
+    monkeypatch.delenv("LOCALLEARN_FAULT")
+    _, whole = run(config(tmp_path, "whole", "split.k=2", "engine=pipeline", "engine.workers=2",
+                          "train.epochs=2"))
+    assert_same_weights(folder, whole)

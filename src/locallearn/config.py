@@ -105,6 +105,8 @@ class EngineConfig:
                                           # (empty: cuda:<local rank> if CUDA is available, else cpu)
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # pipeline: auto = nccl if every rank has a GPU
     micro_batches: int = 1                # pipeline: parts per batch (gradients accumulate, one update)
+    max_restarts: int = 0                 # pipeline: restarts of the workers after a failure (torch's
+                                          # elastic agent; each continues from the last checkpoint)
     replicas: int = 1                     # pipeline: data-parallel copies of every worker, each on
                                           # a shard of the batch (world = workers x replicas)
     share_every: int = 1                  # pipeline: steps between sending each rank's first block
@@ -220,6 +222,9 @@ def validate(cfg: RunConfig) -> None:
                           f"{', '.join(COMPILE_MODES)}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr} is not allowed: it must be positive")
+    if cfg.engine.max_restarts < 0:
+        raise ConfigError(f"engine.max_restarts={cfg.engine.max_restarts} is not allowed: it must "
+                          f"be 0 or more")
     if cfg.engine.timeout <= 0:
         raise ConfigError(f"engine.timeout={cfg.engine.timeout} is not allowed: it must be positive")
     if cfg.train.accumulate != "none" or cfg.train.triggers:

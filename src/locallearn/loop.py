@@ -169,8 +169,8 @@ class Placement:
 def inject_fault(rank: int, step: int) -> None:
     """Fail on purpose where ``$LOCALLEARN_FAULT`` says (``rank:step:kind``), for fault tests."""
     spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return  # (a worker restarted by the elastic agent does not fail again)
     r, s, kind = spec.split(":")
     if int(r) != rank or int(s) != step:
         return

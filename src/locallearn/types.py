@@ -35,6 +35,15 @@ def first_tensor(a: Activation) -> torch.Tensor:
     return a.h if isinstance(a, Masked) else a
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32 if it is in a low precision (bf16, fp16); fp32 and fp64 stay as they are.
+
+    Losses that need range (log-softmax, temperature-scaled similarities) take their
+    inputs through this under autocast; a float64 test reference stays float64.
+    """
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], a: Activation) -> Activation:
     """``fn`` applied to every tensor of ``a``, keeping its kind (tensor or Masked)."""
     if isinstance(a, tuple):

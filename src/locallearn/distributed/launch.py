@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import multiprocessing.connection
 import os
 import pickle
@@ -46,6 +47,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from locallearn import runs
@@ -203,6 +205,8 @@ def spawn_workers(cfg: RunConfig, resume: str | Path | None, run_dir: Path,
     Raises:
         PipelineError: if a worker fails; the others are stopped within ``grace`` s.
     """
+    if cfg.engine.max_restarts:
+        return elastic_workers(cfg, resume, run_dir, ship)
     world = cfg.engine.workers * cfg.engine.replicas
     init = f"tcp://127.0.0.1:{free_port()}"
     reports = Path(tempfile.mkdtemp(prefix="locallearn-ranks-"))
@@ -225,6 +229,66 @@ def spawn_workers(cfg: RunConfig, resume: str | Path | None, run_dir: Path,
     codes = [p.exitcode for p in procs]
     if any(c != 0 for c in codes):
         raise PipelineError(describe_failure(codes, died, stopped, found, cfg, run_dir))
+
+
+def elastic_workers(cfg: RunConfig, resume: str | Path | None, run_dir: Path,
+                    ship: Shipped | None = None) -> None:
+    """Run the workers under torch's elastic agent, which restarts them after a failure.
+
+    With ``engine.max_restarts=N`` the agent (``torch.distributed.launcher.api``) starts
+    the workers, records each one's error in its error file (``@record``), and after a
+    failure restarts the whole group up to N times; every restart continues from the run
+    folder's last checkpoint (:func:`_elastic_worker`), so the run finishes by itself.
+    Without restarts the fork-server launcher above is used: it starts a worker in
+    milliseconds, the agent's rendezvous takes seconds.
+
+    Raises:
+        PipelineError: once the restarts are used up, naming the rank that failed last.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    world = cfg.engine.workers * cfg.engine.replicas
+    reports = Path(tempfile.mkdtemp(prefix="locallearn-ranks-"))
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world,
+                          run_id=f"locallearn-{os.getpid()}", rdzv_backend="c10d",
+                          rdzv_endpoint=f"127.0.0.1:{free_port()}",
+                          max_restarts=cfg.engine.max_restarts, monitor_interval=0.2,
+                          start_method=method)
+    quiet = logging.getLogger("torch.distributed.elastic")
+    level, quiet.level = quiet.level, logging.CRITICAL  # its tracebacks: we say it in one line
+    try:
+        elastic_launch(config, _elastic_worker)(cfg, resume, str(run_dir), str(reports), ship)
+    except ChildFailedError as e:
+        attempt = max((int(p.name[7:]) for p in reports.glob("attempt*")), default=0)
+        last = reports / f"attempt{attempt}"
+        found = {r: json.loads((last / f"rank{r}.json").read_text())
+                 for r in range(world) if (last / f"rank{r}.json").is_file()}
+        codes: list[int | None] = [e.failures[r].exitcode if r in e.failures else 0
+                                   for r in range(world)]
+        died = {r: float(f.timestamp) for r, f in e.failures.items()}
+        raise PipelineError(describe_failure(codes, died, set(), found, cfg, run_dir)) from None
+    finally:
+        quiet.setLevel(level)
+        shutil.rmtree(reports, ignore_errors=True)
+
+
+@record
+def _elastic_worker(cfg: RunConfig, resume: str | None, run_dir: str, reports: str,
+                    ship: Shipped | None) -> None:
+    """A worker started by the elastic agent; a restarted one continues from the checkpoint."""
+    env = WorkerEnv.from_environ()
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt and (Path(run_dir) / runs.CHECKPOINT).is_file():
+        resume = run_dir
+    report = Path(reports) / f"attempt{attempt}" / f"rank{env.rank}.json"
+    try:
+        run_worker(cfg, resume, Path(run_dir), env, _for_rank(ship, env.rank))
+    except BaseException as e:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        write_report(report, env.rank, e)
+        raise
 
 
 def _for_rank(ship: Shipped | None, rank: int) -> Shipped | None:
@@ -354,8 +418,16 @@ def run_worker(cfg: RunConfig, resume: str | Path | None, run_dir: Path | None,
     tqdm.set_lock(threading.RLock())  # not tqdm's default process lock: workers end by os._exit
     device = pick_device(cfg.engine, env.rank, env.local_rank, env.world)
     timeout = timedelta(seconds=cfg.engine.timeout)
-    dist.init_process_group("gloo", init_method=env.init_method, rank=env.rank,
-                            world_size=env.world, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt not in (None, "0"):  # a restarted group: keys of the last attempt are in the store
+        store = dist.PrefixStore(f"locallearn/attempt{attempt}", dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+            timeout=timeout))
+        dist.init_process_group("gloo", store=store, rank=env.rank, world_size=env.world,
+                                timeout=timeout)
+    else:
+        dist.init_process_group("gloo", init_method=env.init_method, rank=env.rank,
+                                world_size=env.world, timeout=timeout)
     control = Control(dist.group.WORLD, env.rank, env.world)
     backend = choose_backend(cfg.engine.backend, device, control)
     data_group = dist.new_group(backend=backend, timeout=timeout)

@@ -11,6 +11,7 @@ from torch import nn
 from locallearn.models.blocks import Activation
 from locallearn.objectives.base import Objective, register_objective
 from locallearn.objectives.heads import build_head
+from locallearn.types import at_least_fp32
 
 
 class HeadCE(Objective):
@@ -21,7 +22,7 @@ class HeadCE(Objective):
         self.head = head
 
     def loss(self, h: Activation, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.head(h).float(), y)  # log-softmax in fp32 under autocast
+        return F.cross_entropy(at_least_fp32(self.head(h)), y)  # log-softmax in fp32 under autocast
 
     def predict(self, h: Activation) -> torch.Tensor:
         return self.head(h)

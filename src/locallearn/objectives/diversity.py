@@ -24,6 +24,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from locallearn.types import at_least_fp32
+
 EPS = 1e-12  # keeps the normalisations finite when a head puts all mass on the true class
 
 
@@ -40,7 +42,7 @@ def wrong_class_vectors(logits: torch.Tensor, y: torch.Tensor, temperature: floa
     """
     if temperature <= 0:
         raise ValueError(f"diversity temperature must be positive, got {temperature}")
-    p = torch.softmax(logits.float() / temperature, dim=1)  # fp32 under autocast
+    p = torch.softmax(at_least_fp32(logits) / temperature, dim=1)  # fp32 under autocast
     p = p * (1.0 - F.one_hot(y, p.shape[1]).to(p.dtype))
     p = p / p.sum(dim=1, keepdim=True).clamp_min(EPS)
     return p / p.norm(dim=1, keepdim=True).clamp_min(EPS)

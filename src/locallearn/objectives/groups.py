@@ -38,6 +38,7 @@ from locallearn.models.blocks import Activation
 from locallearn.objectives.base import Objective, build_objective
 from locallearn.objectives.ce import HeadCE
 from locallearn.objectives.diversity import diversity_penalty
+from locallearn.types import at_least_fp32
 
 
 class GroupObjectiveError(ValueError):
@@ -79,7 +80,7 @@ def head_loss_and_logits(obj: Objective, view: torch.Tensor, y: torch.Tensor,
     """
     if isinstance(obj, HeadCE):  # one head pass gives both loss and logits
         logits = obj.head(view)
-        return nn.functional.cross_entropy(logits.float(), y), logits  # fp32 log-softmax
+        return nn.functional.cross_entropy(at_least_fp32(logits), y), logits  # fp32 log-softmax
     logits = obj.predict(view) if diversity_weight > 0 else None
     if diversity_weight > 0 and logits is None:
         raise GroupObjectiveError(

@@ -31,6 +31,7 @@ from torch import nn
 from locallearn.models.blocks import Activation
 from locallearn.objectives.base import Objective, register_objective
 from locallearn.objectives.projectors import build_projector
+from locallearn.types import at_least_fp32
 
 
 def positive_index(n2: int, device: torch.device | None = None) -> torch.Tensor:
@@ -87,7 +88,7 @@ def nt_xent(z: torch.Tensor, temperature: float = 0.5, negatives: torch.Tensor |
         The mean over the 2N anchors of ``-log softmax`` at the positive.
     """
     with torch.autocast(z.device.type, enabled=False):  # similarities / temperature in fp32
-        return _nt_xent(z.float(), temperature, negatives)
+        return _nt_xent(at_least_fp32(z), temperature, negatives)
 
 
 def _nt_xent(z: torch.Tensor, temperature: float, negatives: torch.Tensor | None) -> torch.Tensor:
@@ -125,7 +126,7 @@ class SimCLRObjective(Objective):
 
     def embed(self, h: Activation) -> torch.Tensor:
         """The L2-normalised embeddings of a stage output."""
-        return F.normalize(self.projector(h).float(), dim=1)  # fp32 under autocast
+        return F.normalize(at_least_fp32(self.projector(h)), dim=1)  # fp32 under autocast
 
     def loss(self, h: Activation, y: torch.Tensor) -> torch.Tensor:
         z = self.embed(h)

@@ -29,6 +29,7 @@ from locallearn.objectives.base import Objective, register_objective
 from locallearn.objectives.ce import HeadCE
 from locallearn.objectives.heads import build_head
 from locallearn.objectives.projectors import build_projector
+from locallearn.types import at_least_fp32
 
 CLASSIFIER_ON = ("last", "all", "none")
 
@@ -46,7 +47,7 @@ def supcon_loss(z: torch.Tensor, y: torch.Tensor, temperature: float = 0.1) -> t
         graph, with zero gradient) if no anchor has one.
     """
     with torch.autocast(z.device.type, enabled=False):  # similarities / temperature in fp32
-        return _supcon_loss(z.float(), y, temperature)
+        return _supcon_loss(at_least_fp32(z), y, temperature)
 
 
 def _supcon_loss(z: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -85,7 +86,7 @@ class SupConObjective(Objective):
 
     def embed(self, h: Activation) -> torch.Tensor:
         """The L2-normalised embeddings of a stage output."""
-        return F.normalize(self.projector(h).float(), dim=1)  # fp32 under autocast
+        return F.normalize(at_least_fp32(self.projector(h)), dim=1)  # fp32 under autocast
 
     def loss(self, h: Activation, y: torch.Tensor) -> torch.Tensor:
         loss = supcon_loss(self.embed(h), y, self.temperature)
