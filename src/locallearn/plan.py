@@ -481,13 +481,13 @@ def describe(p: Plan, blocks: Sequence[StageCost], heads: Sequence[StageCost], l
     lines += ["", table(["stage", "blocks", "compute ms/call", "send MiB/call", "send ms/call",
                          "params MiB"], rows), "", "best of each scheme on the same devices:"]
     others = [b, *sorted(p.others, key=lambda o: -o.images_per_s)]
+    lines.append(table(["scheme", "K", "replicas", "micro-batches", "images/s", "MiB/device",
+                        "bubble"],
+                       [[o.scheme, o.k, o.replicas, o.micro_batches, round(o.images_per_s),
+                         o.memory_bytes / mib, o.bubble] for o in others]))
     faster = [o for o in p.others if o.images_per_s > b.images_per_s]
     if faster:  # the plan is for engine=pipeline, but say when end-to-end BP would be faster
         top = max(faster, key=lambda o: o.images_per_s)
         lines.append(f"note: {top.scheme} (end-to-end BP) is predicted "
                      f"{top.images_per_s / b.images_per_s:.2f}x faster on these devices")
-    lines.append(table(["scheme", "K", "replicas", "micro-batches", "images/s", "MiB/device",
-                        "bubble"],
-                       [[o.scheme, o.k, o.replicas, o.micro_batches, round(o.images_per_s),
-                         o.memory_bytes / mib, o.bubble] for o in others]))
     return lines
