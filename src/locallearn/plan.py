@@ -147,7 +147,7 @@ class Prediction:
     step_seconds: float
     images_per_s: float
     memory_bytes: float    # parameters, gradients, optimizer state, activations, queues
-    bubble: float          # idle fraction of the bottleneck device's step
+    bubble: float          # idle fraction of a step (mean over devices; DDP: waiting on comms)
 
     @property
     def devices(self) -> int:
@@ -197,7 +197,7 @@ def local_pipeline(stages: Sequence[StageCost], batch: int, link: Link, workers:
             link): a node is bounded by the larger of compute and send, not their sum.
 
     Returns:
-        The prediction; ``bubble`` is the bottleneck-relative idle of the others' mean.
+        The prediction; ``bubble`` is the nodes' mean idle fraction of a steady step.
     """
     k = len(stages)
     runs = contiguous(k, workers or k)
