@@ -88,12 +88,12 @@ def test_the_two_hosts_reach_each_other_and_nothing_else(hosts, tmp_path):
 
 
 def two_hosts(hosts, tmp_path: Path, run_id: str, args: list[str], port: int = netns.RDZV_PORT,
-              env_b: dict[str, str] | None = None):
+              env_a: dict[str, str] | None = None, env_b: dict[str, str] | None = None):
     """Start ``locallearn train args`` under torchrun on host A (node 0) and host B (node 1)."""
     a, b = hosts
     endpoint = f"{a.addr}:{port}"
     logs = (tmp_path / f"{run_id}-a.log", tmp_path / f"{run_id}-b.log")
-    return [a.torchrun(2, endpoint, run_id, args, logs[0]),
+    return [a.torchrun(2, endpoint, run_id, args, logs[0], **(env_a or {})),
             b.torchrun(2, endpoint, run_id, args, logs[1], **(env_b or {}))], logs
 
 
@@ -157,33 +157,46 @@ def wait_for_checkpoint(folder: Path, epoch: int, procs, limit: float) -> None:
     raise AssertionError(f"no checkpoint of epoch {epoch} in {folder} within {limit} s")
 
 
-def test_killing_one_host_ends_the_run_naming_it_and_resume_finishes(hosts, tmp_path):
-    """SIGKILL to every process of host B (its agent and ranks 2 and 3) during epoch 2:
-    host A's ranks stop within engine.timeout, torchrun exits non-zero naming the rank
-    and host, and ``--resume`` on both hosts finishes the run with engine=local's weights.
+@pytest.mark.parametrize("killed", [
+    "b", pytest.param("a", marks=pytest.mark.slow)], ids=["host-b", "host-a-slow"])
+def test_killing_one_host_ends_the_run_naming_it_and_resume_finishes(hosts, tmp_path, killed):
+    """SIGKILL to every process of one host (its torchrun agent and both its ranks) during
+    epoch 2: the other host stops within seconds, exits non-zero, and ``--resume`` on both
+    hosts finishes the run with engine=local's weights.
 
-    Host B's rank 2 waits at step 11 ($LOCALLEARN_FAULT=2:11:hang) so that the kill
-    lands in epoch 2, after the checkpoint of epoch 1, however slow this machine is.
+    Host B killed: host A's ranks 0 and 1 see the connections to rank 2 and 3 close and
+    rank 1 names rank 2 and host B. Host A killed (slow): it served the rendezvous store,
+    so host B's agent loses it ("The connection to the C10d store has failed") and stops
+    its ranks before they can say more. A rank of the killed host waits at step 11
+    ($LOCALLEARN_FAULT=<rank>:11:hang) so that the kill lands in epoch 2, after the
+    checkpoint of epoch 1, however slow this machine is.
     """
     folder = tmp_path / "cut"
     args = [*TINY, f"train.out_dir={tmp_path}", "train.name=cut", "split.k=4", "engine=pipeline",
             "engine.workers=4", "train.epochs=2"]
-    procs, logs = two_hosts(hosts, tmp_path, "cut", args, env_b={"LOCALLEARN_FAULT": "2:11:hang"})
-    wait_for_checkpoint(folder, 1, procs, LIMIT)
     a, b = hosts
-    b.kill()
+    dead, other = (b, 0) if killed == "b" else (a, 1)  # the other host's torchrun and log
+    hang = {"LOCALLEARN_FAULT": f"{2 if killed == 'b' else 1}:11:hang"}  # a rank of the dead host
+    procs, logs = two_hosts(hosts, tmp_path, "cut", args, env_a=hang if killed == "a" else None,
+                            env_b=hang if killed == "b" else None)
+    wait_for_checkpoint(folder, 1, procs, LIMIT)
+    dead.kill()
     start = time.monotonic()
-    code = netns.wait_all(procs[:1], 60)[0]
+    code = netns.wait_all([procs[other]], 60)[0]
     took = time.monotonic() - start
-    print(f"host A stopped {took:.1f} s after host B was killed")
-    said = logs[0].read_text()
+    print(f"the other host stopped {took:.1f} s after host {killed.upper()} was killed")
+    said = logs[other].read_text()
     assert code not in (0, None), said[-3000:]
-    assert took < 30, f"host A took {took:.0f} s to stop"  # engine.timeout=10 + torchrun's grace
-    # host A's ranks name the lost rank and its host: by address today (gloo's "Connection
-    # closed by peer [10.77.n.2]:port" inside the PeerError), by host name ("rank 2 on
-    # <host B>") once the workers exchange their host names at set-up
-    assert "rank 2" in said and (b.hostname in said or f"[{b.addr}]" in said), said[-3000:]
+    assert took < 30, f"the other host took {took:.0f} s to stop"  # at most engine.timeout=10 + grace
+    if killed == "b":
+        # host A's ranks name the lost rank and its host: by address today (gloo's
+        # "Connection closed by peer [10.77.n.2]:port" inside the PeerError), by host name
+        # ("rank 2 on <host B>") once the workers exchange their host names at set-up
+        assert "rank 2" in said and (b.hostname in said or f"[{b.addr}]" in said), said[-3000:]
+    else:
+        assert "The connection to the C10d store has failed" in said, said[-3000:]
     assert runs.load_checkpoint(folder)["epoch"] == 1
-    finish(*two_hosts(hosts, tmp_path, "resume", ["--resume", str(folder)], port=netns.RDZV_PORT + 1))
+    resume = ["--resume", str(folder)]
+    finish(*two_hosts(hosts, tmp_path, "resume", resume, port=netns.RDZV_PORT + 1))
     assert [r["epoch"] for r in runs.read_metrics(folder)] == [1, 2]
     assert_same_weights(folder, local(tmp_path, "local", "split.k=4", "train.epochs=2"))
