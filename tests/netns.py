@@ -23,7 +23,8 @@ what the host name resolves to.
 
 :func:`host_pair` is a context manager; on leaving it (also on an error) it kills the
 process group of every process it started, then every process left in either namespace,
-deletes both namespaces (which deletes the veth pair) and their ``/etc/netns`` folders.
+deletes both namespaces (which deletes the veth pair) and their ``/etc/netns`` folders;
+namespaces left by a test process that was killed outright are swept by the next one.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -120,6 +122,25 @@ def _pids(ns: str) -> list[int]:
     return [int(p) for p in done.stdout.split()] if done.returncode == 0 else []
 
 
+def sweep_orphans() -> list[str]:
+    """Delete the namespaces of test processes that are gone (killed before their
+    teardown could run, e.g. by a CI timeout), with whatever still runs in them."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    gone = []
+    for name in (line.split()[0] for line in listed.splitlines() if line.strip()):
+        m = re.fullmatch(r"ll(\d+)n\d+[ab]", name)
+        if m is None or Path(f"/proc/{m.group(1)}").exists():
+            continue
+        for pid in _pids(name):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(RuntimeError):
+            _ip("netns", "del", name)
+        shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
+        gone.append(name)
+    return gone
+
+
 @contextlib.contextmanager
 def host_pair() -> Iterator[tuple[Host, Host]]:
     """Two hosts joined by a veth pair; everything is removed on exit, also on errors.
@@ -127,6 +148,7 @@ def host_pair() -> Iterator[tuple[Host, Host]]:
     Raises:
         RuntimeError: if ``ip`` refuses a step (the message is ip's).
     """
+    sweep_orphans()
     n = next(_count) % 256
     tag = f"{os.getpid()}n{n}"
     hosts = tuple(Host(f"ll{tag}{side}", f"v{side}{tag}"[:15], f"10.77.{n}.{i}",

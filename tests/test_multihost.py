@@ -6,9 +6,9 @@ both with a c10d rendezvous on host A's address, exactly as the README's two-hos
 and compares the trained weights with ``engine=local`` in this process. The run folder is
 on the filesystem both namespaces share; rank 0 (host A) writes it.
 
-Run with ``pytest -m multihost`` (they are in the default run too); they need root and
-iproute2 and skip with that reason elsewhere. Each starts six Python processes (two agents,
-four workers), so each takes tens of seconds on two shared cores.
+They are in the default run (and CI) but for the slow case; ``pytest -m multihost`` runs
+them all. They need root and iproute2 and skip with that reason elsewhere. Each starts six
+Python processes (two agents, four workers), so each takes 30-60 s on two shared cores.
 """
 
 from __future__ import annotations
