@@ -121,3 +121,10 @@ def test_plan_prints_a_recommendation_for_a_tiny_config(capsys):
 def test_plan_with_a_bad_link_is_a_one_line_error(capsys):
     assert main(["plan", "model=mlp", "data=synthetic", "--devices", "4", "--link", "x"]) == 2
     assert "--link 'x' is not allowed" in capsys.readouterr().err
+
+
+def test_plan_needs_only_the_input_shape_not_the_data_set(capsys):
+    assert main(["plan", "model=mlp", "model.options={hidden: [8, 8]}", "data=cifar10",
+                 "data.data_dir=/nonexistent", "--input-shape", "1,4,4", "--classes", "3",
+                 "--devices", "2"]) == 0
+    assert "recommended: local pipeline" in capsys.readouterr().out

@@ -182,6 +182,7 @@ def _split_nodes(args: argparse.Namespace, backbone: Any, cuts: list[int]) -> di
 def _cmd_plan(args: argparse.Namespace) -> int:
     """The scale model's recommendation for the configured model on ``--devices`` devices."""
     import dataclasses
+    from types import SimpleNamespace
 
     from locallearn import plan
     from locallearn.build import _head_builder, build_backbone, build_data
@@ -194,7 +195,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         overrides.insert(0, config)
         config = None
     cfg = load_config(config, overrides)
-    data = build_data(cfg)
+    if args.input_shape:  # plan without the data set at hand: its shape is all a plan needs
+        shape = tuple(int(s) for s in args.input_shape.split(","))
+        data: Any = SimpleNamespace(input_shape=shape, num_classes=args.classes, meta={})
+    else:
+        data = build_data(cfg)
     backbone = build_backbone(cfg, data)
     device = dataclasses.replace(plan.H100, flops_per_s=args.tflops * 1e12,
                                  memory_bytes=args.memory_gb * 1e9, call_seconds=args.call_us * 1e-6,
@@ -301,6 +306,9 @@ def parser() -> argparse.ArgumentParser:
                     help="overhead per block per call (launches, framework), microseconds")
     pl.add_argument("--batch", type=int, default=0,
                     help="global batch per step (default: data.batch_size x devices)")
+    pl.add_argument("--input-shape", default="",
+                    help="e.g. 3,32,32: plan for this input shape without loading the data set")
+    pl.add_argument("--classes", type=int, default=10, help="classes (with --input-shape)")
     pl.set_defaults(fn=_cmd_plan)
     sub.add_parser("list", help="list models, objectives, engines, data sets").set_defaults(fn=_cmd_list)
     c = sub.add_parser("compare", help="table of finished runs side by side")

@@ -466,6 +466,8 @@ def describe(p: Plan, blocks: Sequence[StageCost], heads: Sequence[StageCost], l
              f"{link.bandwidth_Bps / 1e9:g} GB/s; global batch {b.batch}",
              f"recommended: local pipeline, K={b.k} stages on {b.workers} workers x "
              f"{b.replicas} replicas ({b.devices} devices), {b.micro_batches} micro-batch(es)",
+             "  placement: one stage per worker (engine.placement=stages; width-group nodes "
+             "are not modelled)",
              f"  predicted {b.images_per_s:,.0f} images/s, {b.memory_bytes / mib:,.1f} MiB "
              "per device (largest)",
              f"  cuts {p.cuts}: split.k={b.k} split.by=cuts split.cuts=[{','.join(map(str, p.cuts))}]"
