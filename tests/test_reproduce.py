@@ -461,3 +461,26 @@ def test_report_renders_a_plot_per_claim_that_asks_for_one(tmp_path):
     # the vision claim has the row of the BP run it lends to dascpl
     assert {r["claim"] for r in rows} == {"groups", "contsup", "dascpl", "scpl-text", "selfsup",
                                           "scpl-vision"}
+
+
+VISION_SEEDS = [(name, model, method, k) for name in ("seeds-scpl-vision", "seeds-dascpl",
+                                                     "seeds-groups", "seeds-contsup", "seeds-selfsup")
+                for model, method, k in dict.fromkeys(
+                    (r.model, r.method, r.k) for r in rp.matrix(rp.PROTOCOLS[name]))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,model,method,k", VISION_SEEDS)
+def test_every_vision_seeds_cell_trains_a_tiny_epoch(name, model, method, k, tmp_path):
+    import locallearn as ll
+
+    p = rp.PROTOCOLS[name]
+    tiny = ["data=synthetic", "data.options={shape: [3, 32, 32], n_train: 64, n_test: 32}",
+            "data.batch_size=32", "train.epochs=4", "train.checkpoint=false",
+            f"train.out_dir={tmp_path}", "train.precision=fp32"]
+    grow = ["train.triggers=[1, 2, 3]"] if method == "dascpl_grow" else []
+    cfg = ll.load_config(None, [*p.overrides(model), *p.method_overrides(method, k, model),
+                                *tiny, *grow])
+    run = ll.run if callable(ll.run) else ll.run.run
+    summary, _ = run(cfg)
+    assert summary["k"] == k and summary["epochs"] == 4
