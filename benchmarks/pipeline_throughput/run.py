@@ -128,6 +128,10 @@ def _ddp_worker(rank: int, world: int, init: str, cfg_overrides: list[str], queu
         def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return stage_loss(self.stage, self.stage(x), y)
 
+    from locallearn import precision
+
+    choice = precision.resolve_config(cfg.train, "cpu")  # the same choice as the library runs
+    precision.prepare(net, choice)
     model = DistributedDataParallel(Whole())
     opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                           weight_decay=cfg.optim.weight_decay)
@@ -140,7 +144,10 @@ def _ddp_worker(rank: int, world: int, init: str, cfg_overrides: list[str], queu
                             mean=data.meta["mean"], std=data.meta["std"]):
             part = slice(rank * len(y) // world, (rank + 1) * len(y) // world)
             opt.zero_grad(set_to_none=True)
-            model(x[part], y[part]).backward()
+            with precision.autocast(choice):
+                loss = model(precision.input_channels_last(x[part])
+                             if choice.channels_last else x[part], y[part])
+            loss.backward()
             opt.step()
             n += len(y)
         dist.barrier()
@@ -198,8 +205,17 @@ def _pipelining_worker(rank: int, world: int, init: str, cfg_overrides: list[str
     torch.manual_seed(cfg.train.seed)
     data = build_data(cfg)
     net = build_net(cfg, data)
+    from locallearn import precision
+
+    choice = precision.resolve_config(cfg.train, "cpu")  # the same choice as the library runs
+    precision.prepare(net, choice)
     last = net.stages[1]
-    part = net.stages[0].body if rank == 0 else nn.Sequential(last.body, last.objective.head)
+    class Contiguous(nn.Module):  # gloo sends only contiguous tensors (not channels-last)
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            return h.contiguous()
+
+    part = nn.Sequential(net.stages[0].body, Contiguous()) if rank == 0 else \
+        nn.Sequential(last.body, last.objective.head)
     mb = cfg.data.batch_size // micro
     # Explicit example tensors: with shape inference the warm-up runs stage 2 on an
     # uninitialised buffer, which leaves NaN BatchNorm running statistics.
@@ -208,6 +224,10 @@ def _pipelining_worker(rank: int, world: int, init: str, cfg_overrides: list[str
     example_in = torch.zeros(mb, *(net.stages[rank].in_shape), requires_grad=rank > 0)
     example_out = torch.zeros(mb, *(net.stages[0].out_shape) if rank == 0 else
                               (net.num_classes,), requires_grad=True)
+    if choice.precision != "fp32":  # autocast: activations and logits travel in its dtype
+        example_out = example_out.detach().to(choice.dtype).requires_grad_()
+        if rank > 0:
+            example_in = example_in.detach().to(choice.dtype).requires_grad_()
     stage = PipelineStage(part, rank, world, torch.device("cpu"), input_args=example_in,
                           output_args=example_out)
     kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
@@ -222,10 +242,11 @@ def _pipelining_worker(rank: int, world: int, init: str, cfg_overrides: list[str
         for x, y in batches(data.train, cfg.data.batch_size, shuffle=True, generator=g,
                             mean=data.meta["mean"], std=data.meta["std"], drop_last=True):
             opt.zero_grad(set_to_none=True)
-            if rank == 0:
-                sched.step(x)
-            else:
-                sched.step(target=y, losses=[])
+            with precision.autocast(choice):  # forward (and the schedule's backward) in it
+                if rank == 0:
+                    sched.step(precision.input_channels_last(x) if choice.channels_last else x)
+                else:
+                    sched.step(target=y, losses=[])
             opt.step()
             n += len(y)
         dist.barrier()
@@ -253,14 +274,15 @@ def pipelining(ctx: Any, cfg: list[str], schedule: str, micro: int) -> list[dict
 
 
 def peers_table(ctx: Any, out: str, batch: int, steps: int, epochs: int,
-                models: list[str]) -> list[list[Any]]:
+                models: list[str], prec: str = "auto", layout: str = "auto") -> list[list[Any]]:
     """Our pipeline beside DDP, GPipe, 1F1B and checkpointed BP: same model, cut, workers, batch."""
     rows = []
     for model in models:
         cut = pinned_cut(model)
         cfg = [o for o in overrides(model, batch, steps, epochs, out) if o != "split.by=time"]
+        cfg += [f"train.precision={prec}", f"train.channels_last={layout}"]
         pinned = [*cfg, "split.by=cuts", f"split.cuts=[{cut}]"]
-        print(f"{model} (cut after block {cut})", flush=True)
+        print(f"{model} (cut after block {cut}, precision {prec})", flush=True)
         bp = [*cfg, "engine=backprop", "split.k=1"]
         m = {"BP, 1 process x 1 thread": measure("bp 1x1", lambda: single(ctx, bp, 1)),
              "BP, 1 process x 2 threads": measure("bp 1x2", lambda: single(ctx, bp, 2)),
@@ -388,6 +410,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="a smoke test: 2 steps, 2 epochs")
     p.add_argument("--models", nargs="+", default=["vgg11-w0.5", "resnet20"],
                    help="models of the peers part")
+    p.add_argument("--precision", default="auto", help="peers part: train.precision")
+    p.add_argument("--channels-last", default="auto", help="peers part: train.channels_last")
     a = p.parse_args()
     if a.quick:
         a.steps, a.scaling_steps, a.epochs = 2, 2, 2
@@ -417,12 +441,16 @@ def main() -> None:
                 "pipeline efficiency", "load avg"], rows,
                 {**common, "steps": f"{a.steps} steps per epoch"}))
         if "peers" in a.parts:
-            rows = peers_table(ctx, out, a.batch, a.steps, a.epochs, a.models)
-            print(write_results(HERE, "peers", [
+            rows = peers_table(ctx, out, a.batch, a.steps, a.epochs, a.models, a.precision,
+                               a.channels_last)
+            print(write_results(HERE, f"peers_{a.precision}", [
                 "model", "cut", "mode", "images/s", "vs DDP", "pipeline efficiency",
                 "saved act MiB (peak, 1 step)", "BN stats finite", "load avg"], rows,
                 {**common, "steps": f"{a.steps} steps per epoch",
                  "cut": "K=2 cut pinned for every mode (balanced by MACs, split.by=cuts)",
+                 "precision": f"train.precision={a.precision} train.channels_last="
+                              f"{a.channels_last} for every mode (DDP and torch pipelining "
+                              "workers apply the same locallearn.precision choice)",
                  "peers": "GPipe / 1F1B: torch.distributed.pipelining, end-to-end BP, 2 "
                           "stages on 2 workers x 1 thread over gloo, explicit example "
                           "inputs/outputs; checkpointed BP: engine.checkpoint=blocks "
