@@ -243,6 +243,7 @@ def test_seeds_runs_every_claim_each_with_its_baseline_beside_it_at_two_seeds():
         p = rp.PROTOCOLS[name]
         assert p.seeds == (0, 1) and p.baseline in {m for m, _ in p.cells}, name
         assert set(p.methods) >= {m for m, _ in p.cells}
+    assert rp.GROUPS["seeds-cpu"] == tuple(n for n in group if n != "seeds-scpl-imdb")
 
 
 def test_the_seeds_matrices_expand_to_the_issues_cells():
