@@ -112,12 +112,13 @@ class Host:
         for p in self.procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(10)
-        for pid in _pids(self.ns):
+        for pid in pids(self.ns):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
 
-def _pids(ns: str) -> list[int]:
+def pids(ns: str) -> list[int]:
+    """The processes running in namespace ``ns``."""
     done = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
     return [int(p) for p in done.stdout.split()] if done.returncode == 0 else []
 
@@ -131,7 +132,7 @@ def sweep_orphans() -> list[str]:
         m = re.fullmatch(r"ll(\d+)n\d+[ab]", name)
         if m is None or Path(f"/proc/{m.group(1)}").exists():
             continue
-        for pid in _pids(name):
+        for pid in pids(name):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(RuntimeError):
