@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 RUNS = HERE / "runs"
 DATA_DIR = Path(os.environ.get("LOCALLEARN_DATA_DIR", ROOT.parent / "shared" / "data")).resolve()
-REPORTED = ("cpu", "full")  # protocols collected into results.json / results.md (not smoke);
+REPORTED: tuple[str, ...] = ("cpu", "full")  # protocols collected into results.json / results.md (not smoke);
 # the seeds protocols (below) are added to it once defined
 
 
@@ -196,8 +196,8 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in [
 # context supply InfoPro's 1c2f). The preset each follows is named beside it.
 _SUPCON = "temperature: 0.1, projector: mlp, proj_dim: 128, proj_hidden: 512"
 _SIMCLR = "temperature: 0.5, neg_fraction: 1.0, projector: mlp, proj_hidden: 512, proj_dim: 128"
-_ADAM = ("optim=adam", "optim.weight_decay=0", "optim.schedule=cosine", "optim.min_lr=1e-5")
-_STRONG = ("data=cifar10", "data.augment=strong")
+_ADAM: tuple[str, ...] = ("optim=adam", "optim.weight_decay=0", "optim.schedule=cosine", "optim.min_lr=1e-5")
+_STRONG: tuple[str, ...] = ("data=cifar10", "data.augment=strong")
 
 
 def _grow_triggers(epochs: int, k: int = 4) -> str:
@@ -287,25 +287,26 @@ SELFSUP_METHODS: dict[str, tuple[str, ...]] = {
 
 VISION_EPOCHS = 30  # the SCPL vision budget (README: why)
 SCPL_CUTS = {"vgg8": "[2, 4, 5]", "resnet18": "[3, 5, 7]"}  # the SCPL code's 4 modules
-_SCPL_VISION = dict(width=0.25, epochs=VISION_EPOCHS, batch=256, lr=1e-3, data=_STRONG,
-                    optim=_ADAM, split_by="cuts", cuts=SCPL_CUTS,
-                    methods=scpl_methods(VISION_EPOCHS), extra=_fast_defaults())
+# 1. SCPL vs BP, vision (Ho 2023): the thesis recipe (Adam 1e-3 cosine to 1e-5, strong
+#    augmentation, avg-pool MLP projector, tau 0.1) at width 0.25, 30 epochs, batch 256.
+SCPL_VISION = Protocol(
+    "seeds-scpl-vision", "SCPL vs BP, VGG8 and ResNet-18, CIFAR-10", ("vgg8", "resnet18"),
+    width=0.25, epochs=VISION_EPOCHS, batch=256, lr=1e-3, cells=(("bp", 1), ("scpl", 4)),
+    seeds=(0, 1), data=_STRONG, optim=_ADAM, split_by="cuts", cuts=SCPL_CUTS,
+    methods=scpl_methods(VISION_EPOCHS), extra=_fast_defaults(), claim="scpl-vision")
 SEEDS: dict[str, Protocol] = {p.name: p for p in [
-    # 1. SCPL vs BP, vision (Ho 2023): the thesis recipe (Adam 1e-3 cosine to 1e-5, strong
-    #    augmentation, avg-pool MLP projector, tau 0.1) at width 0.25, 30 epochs, batch 256.
-    Protocol("seeds-scpl-vision", "SCPL vs BP, VGG8 and ResNet-18, CIFAR-10", ("vgg8", "resnet18"),
-             cells=(("bp", 1), ("scpl", 4)), seeds=(0, 1), claim="scpl-vision", **_SCPL_VISION),
+    SCPL_VISION,
     # 3. DASCPL on the SCPL VGG8 above (same recipe): per-stage predictors for early exit, and
     #    dynamic layer accumulation; BP is the vision protocol's own run (borrowed).
-    Protocol("seeds-dascpl", "DASCPL: early exit and layer accumulation, VGG8", ("vgg8",),
-             cells=(("bp", 1), ("dascpl", 4), ("dascpl_grow", 4)), seeds=(0, 1),
-             claim="dascpl", exit_methods=("dascpl", "dascpl_grow"),
-             borrow={"bp": "seeds-scpl-vision"}, **_SCPL_VISION),
+    replace(SCPL_VISION, name="seeds-dascpl", about="DASCPL: early exit and layer accumulation, VGG8",
+            models=("vgg8",), cells=(("bp", 1), ("dascpl", 4), ("dascpl_grow", 4)),
+            claim="dascpl", exit_methods=("dascpl", "dascpl_grow"),
+            borrow={"bp": "seeds-scpl-vision"}),
     # 1b. what the gap of claim 1 comes from: one knob each, VGG8, seed 0 (run if the gap stays)
-    Protocol("seeds-scpl-ablation", "SCPL ablations, VGG8", ("vgg8",),
-             cells=tuple((m, 1 if m.startswith("bp") else 4) for m in (
-                 "bp_basic", "scpl_basic", "scpl_linproj", "scpl_t05", "scpl_b1024", "scpl_ce_all")),
-             seeds=(0,), claim="scpl-ablation", **_SCPL_VISION),
+    replace(SCPL_VISION, name="seeds-scpl-ablation", about="SCPL ablations, VGG8", models=("vgg8",),
+            cells=tuple((m, 1 if m.startswith("bp") else 4) for m in (
+                "bp_basic", "scpl_basic", "scpl_linproj", "scpl_t05", "scpl_b1024", "scpl_ce_all")),
+            seeds=(0,), claim="scpl-ablation"),
     # 2. SCPL vs BP, text: the SCPL code's LSTM / Transformer (D=300, 4 layers, K=4), Adam 1e-3
     #    cosine to 1e-5, batch 128; IMDB at max_len 350, SST-2 at 15.
     Protocol("seeds-scpl-sst2", "SCPL vs BP, LSTM and Transformer, SST-2 (max_len 15)",
@@ -1035,6 +1036,13 @@ def _gap(value: float | None, ref: float | None) -> str:
     return "" if value is None or ref is None else f"{value - ref:+.2f}"
 
 
+def _share(value: float | None, low: float | None, high: float | None) -> str:
+    """How much of the gap from ``low`` to ``high`` ``value`` closes, as ``60 %``."""
+    if value is None or low is None or high is None or high == low:
+        return ""
+    return f"{100 * (value - low) / (high - low):.0f} %"
+
+
 def group_of(method: str) -> tuple[int, str]:
     """(G, variant) of a groups-claim method: ``gn4_sgdiv`` -> (4, "sgdiv"), ``dgl`` -> (1, "")."""
     if not method.startswith("gn"):
@@ -1120,9 +1128,9 @@ def _table_dascpl(rows: Sequence[dict[str, Any]]) -> list[str]:
         out.append(f"| {method} | {len(rs)} | {_stat([score(r) for r in rs])} | {gap} | "
                    f"{_per_stage(rs, 'stage_acc')} | {'100' if frac is None else f'{100 * frac:.0f}'} "
                    f"| {best} | {saved} | {fixed} |")
-    if full.get("dascpl") is not None and full.get("dascpl_grow") is not None:
-        out += ["", f"grow vs the full network (dascpl): {full['dascpl_grow'] - full['dascpl']:+.2f} "
-                "points (goal: within 1)."]
+    grow_gap = _gap(full.get("dascpl_grow"), full.get("dascpl"))
+    if grow_gap:
+        out += ["", f"grow vs the full network (dascpl): {grow_gap} points (goal: within 1)."]
     return out
 
 
@@ -1154,8 +1162,7 @@ def _table_contsup(rows: Sequence[dict[str, Any]]) -> list[str]:
         plain_acc = _mean([score(r) for r in plain])
         saved = _mean([r.get("saved_bytes_peak") for r in rs])
         plain_saved = _mean([r.get("saved_bytes_peak") for r in plain])
-        closed = ("" if method in ("bp", "dgl") or None in (acc, bp, plain_acc) or bp == plain_acc
-                  else f"{100 * (acc - plain_acc) / (bp - plain_acc):.0f} %")
+        closed = "" if method in ("bp", "dgl") else _share(acc, plain_acc, bp)
         mem = ("" if method in ("bp", "dgl") or not saved or not plain_saved
                else f"{100 * (saved / plain_saved - 1):+.1f} %")
         pub = PUBLISHED_SEEDS.get(("contsup", model, method, k))
@@ -1178,8 +1185,7 @@ def _table_selfsup(rows: Sequence[dict[str, Any]]) -> list[str]:
             const = _mean([score(r) for r in rs])
     for (_, _, method, _), rs in groups.items():
         acc = _mean([score(r) for r in rs])
-        closed = ("" if method != "simclr_sched" or None in (acc, e2e, const) or e2e == const
-                  else f"{100 * (acc - const) / (e2e - const):.0f} %")
+        closed = "" if method != "simclr_sched" else _share(acc, const, e2e)
         out.append(f"| {method} | {len(rs)} | {_stat([score(r) for r in rs])} | "
                    f"{'' if method == 'simclr_e2e' else _gap(acc, e2e)} | {closed} | "
                    f"{_per_stage(rs, 'probe_acc')} | {_per_stage(rs, 'effective_rank', 0)} |")
@@ -1200,19 +1206,21 @@ def _plot_acc_vs(ax: Any, rows: Sequence[dict[str, Any]], x_of: Callable[[dict[s
     """Mean ± std of ``score`` against ``x_of`` per line; the baseline as a horizontal line."""
     lines: dict[str, dict[float, list[float]]] = {}
     for r in rows:
-        if score(r) is None:
-            continue
-        if r["method"] == base:
-            continue
-        lines.setdefault(line_of(r), {}).setdefault(x_of(r), []).append(score(r))
+        value = score(r)
+        if value is not None and r["method"] != base:
+            lines.setdefault(line_of(r), {}).setdefault(x_of(r), []).append(value)
     for label, points in lines.items():
         xs = sorted(points)
         stats = [mean_std(points[x]) for x in xs]
         ax.errorbar(xs, [m for m, _ in stats], yerr=[sd for _, sd in stats], marker="o",
                     capsize=3, label=label)
-    bp = [score(r) for r in rows if r["method"] == base and score(r) is not None]
+    bp = [v for v in (score(r) for r in rows if r["method"] == base) if v is not None]
     if bp:
         ax.axhline(sum(bp) / len(bp), color="black", label=base)
+
+
+def _constant(label: str) -> Callable[[dict[str, Any]], str]:
+    return lambda _row: label
 
 
 def plot_claim(claim: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -1222,6 +1230,7 @@ def plot_claim(claim: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 4))
     if claim == "groups":
@@ -1229,7 +1238,7 @@ def plot_claim(claim: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
         grouped_rows = [r for r in rows if r["method"].startswith("gn")]
         for variant in dict.fromkeys(group_of(r["method"])[1] for r in grouped_rows):
             _plot_acc_vs(ax, dgl + [r for r in grouped_rows if group_of(r["method"])[1] == variant],
-                         lambda r: group_of(r["method"])[0], lambda r, v=variant: v, "bp")
+                         lambda r: group_of(r["method"])[0], _constant(variant), "bp")
         pub = sorted((group_of(m)[0], v) for (c, _, m, _), (v, _) in PUBLISHED_SEEDS.items()
                      if c == "groups")
         if pub:
@@ -1258,7 +1267,7 @@ def plot_claim(claim: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
                 ax.errorbar(range(1, len(stats) + 1), [m for m, _ in stats],
                             yerr=[sd for _, sd in stats], marker="o", capsize=3, label=method)
         ax.set(xlabel="stage")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(ylabel="test accuracy (%)" if claim != "selfsup" else "linear-probe accuracy (%)",
            title=CLAIMS[claim][0])
     ax.grid(alpha=0.3)
@@ -1387,11 +1396,16 @@ def run_group(a: argparse.Namespace) -> int:
         return 0
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
-    failures = advance(plan, RUNS, a.jobs, a.threads, a.device, lambda: report())
+    failures = advance(plan, RUNS, a.jobs, a.threads, a.device, rerender_all)
     report()
     for name in names:
         print_status(status(PROTOCOLS[name], a.only, jobs=a.jobs), a.jobs)
     return 1 if failures else 0
+
+
+def rerender_all() -> None:
+    """Re-render results.* of every reported protocol (after each finished run)."""
+    report()
 
 
 def print_dry_run(plan: Sequence[Run], threads: int, device: str) -> None:
