@@ -60,6 +60,22 @@ def _timed_out(e: BaseException) -> bool:
     return "timed out" in str(e).lower() or "timeout" in type(e).__name__.lower()
 
 
+_hosts: dict[int, str] = {}  # rank -> host name, for messages (set by name_hosts)
+
+
+def name_hosts(hosts: list[str]) -> None:
+    """Let messages about a peer name its host (``rank 2 on host-b``); once per worker."""
+    _hosts.clear()
+    _hosts.update(enumerate(hosts))
+
+
+def who(peer: int | None) -> str:
+    """``rank <peer> on <host>`` (``rank <peer>`` before :func:`name_hosts`)."""
+    if peer is None:
+        return "the other ranks"
+    return f"rank {peer} on {_hosts[peer]}" if peer in _hosts else f"rank {peer}"
+
+
 def guard(what: str, peer: int | None, fn: Callable[[], T]) -> T:
     """Run ``fn``; turn a communication failure into a :class:`PeerError` about ``peer``."""
     try:
@@ -67,11 +83,11 @@ def guard(what: str, peer: int | None, fn: Callable[[], T]) -> T:
     except (PeerError, WireError):
         raise
     except Exception as e:  # gloo and NCCL raise RuntimeError subclasses with their own text
-        who = f"rank {peer}" if peer is not None else "the other ranks"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         if _timed_out(e):
-            raise PeerError(peer, f"{what}: {who} did not answer in time ({first})", True) from e
-        raise PeerError(peer, f"{what}: {who} failed ({first})") from e
+            raise PeerError(peer, f"{what}: {who(peer)} did not answer in time ({first})",
+                            True) from e
+        raise PeerError(peer, f"{what}: {who(peer)} failed ({first})") from e
 
 
 class Outbox:
@@ -154,7 +170,7 @@ class Inbox:
         try:  # the receive thread has its own timeout; this one only guards against a stuck thread
             item = self._queue.get(timeout=self.timeout + 10)
         except queue.Empty:
-            raise PeerError(self.src, f"receiving from the previous stage: rank {self.src} sent "
+            raise PeerError(self.src, f"receiving from the previous stage: {who(self.src)} sent "
                                       f"nothing for {self.timeout + 10:.0f} s", True) from None
         self.wait_seconds += time.perf_counter() - start
         if isinstance(item, BaseException):

@@ -54,7 +54,7 @@ from locallearn import runs
 from locallearn.build import build_net
 from locallearn.config import EngineConfig, RunConfig
 from locallearn.distributed import under_torchrun
-from locallearn.distributed.comm import Control, Inbox, Outbox, PeerError
+from locallearn.distributed.comm import Control, Inbox, Outbox, PeerError, name_hosts
 from locallearn.distributed.faults import PipelineError, describe_failure, error_text, write_report
 from locallearn.distributed.group_worker import build_group_trainer
 from locallearn.distributed.wire import WireError
@@ -429,6 +429,7 @@ def run_worker(cfg: RunConfig, resume: str | Path | None, run_dir: Path | None,
         dist.init_process_group("gloo", init_method=env.init_method, rank=env.rank,
                                 world_size=env.world, timeout=timeout)
     control = Control(dist.group.WORLD, env.rank, env.world)
+    name_hosts(control.all_gather(socket.gethostname()))  # failures name the peer's host
     backend = choose_backend(cfg.engine.backend, device, control)
     data_group = dist.new_group(backend=backend, timeout=timeout)
     data = None
