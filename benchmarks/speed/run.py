@@ -6,6 +6,7 @@ these settings (the same :mod:`locallearn.precision` choices a run makes):
 
 ==================  ==============================================================
 ``fp32``             today's default before ``train.precision``: fp32, contiguous
+``fp32+cl``          ``train.precision=fp32 train.channels_last=true``
 ``bf16``             ``train.precision=bf16 train.channels_last=false``
 ``bf16+cl``          ``train.precision=bf16 train.channels_last=true`` (= ``auto`` on
                      AVX512-BF16 / AMX CPUs and bf16 GPUs)
@@ -51,6 +52,7 @@ TEXT_LEN = 64
 STEP_SHARE = {"vgg8": 0.2, "vgg11": 0.5}  # the slow models take fewer timed steps (at least 2)
 SETTINGS = {  # name -> (precision, channels_last, compile)
     "fp32": ("fp32", "false", "false"),
+    "fp32+cl": ("fp32", "true", "false"),
     "bf16": ("bf16", "false", "false"),
     "bf16+cl": ("bf16", "true", "false"),
     "bf16+cl+compile": ("bf16", "true", "true"),
