@@ -51,23 +51,29 @@ def conv_net(k: int = 2) -> LocalNet:
 
 # -- auto -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flags", [{"avx512_bf16"}, {"amx_bf16", "avx512f"}])
-def test_auto_picks_bf16_and_channels_last_on_a_cpu_with_native_bf16(cpu, flags):
-    cpu(flags)
+def test_auto_picks_bf16_and_channels_last_on_a_cpu_with_amx(cpu):
+    cpu({"amx_bf16", "avx512f"})
     choice = resolve("auto", "auto", "false", "cpu")
     assert (choice.precision, choice.channels_last, choice.compile) == ("bf16", True, None)
-    assert sorted(flags)[0] in choice.reason or "bf16" in choice.reason
+    assert "amx_bf16" in choice.reason
 
 
-def test_auto_is_fp32_and_contiguous_on_a_cpu_without_it(cpu):
-    cpu({"avx2", "avx512f"})
+def test_auto_is_fp32_channels_last_on_avx512_bf16_without_amx_where_bf16_measured_slower(cpu):
+    cpu({"avx512_bf16", "avx512f"})
+    choice = resolve("auto", "auto", "false", "cpu")
+    assert (choice.precision, choice.channels_last) == ("fp32", True)
+    assert "no faster" in choice.reason
+
+
+def test_auto_is_fp32_and_contiguous_on_a_cpu_without_avx512(cpu):
+    cpu({"avx2", "sse2"})
     choice = resolve("auto", "auto", "false", "cpu")
     assert (choice.precision, choice.channels_last) == ("fp32", False)
 
 
 def test_torchs_own_capability_check_counts_as_native(cpu, monkeypatch):
     cpu(set())
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     assert resolve("auto", device="cpu").precision == "bf16"
 
 

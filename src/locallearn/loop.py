@@ -39,6 +39,7 @@ from locallearn.accumulate import (
 from locallearn.build import stack_views, stage_costs
 from locallearn.config import RunConfig, to_dict
 from locallearn.data import DataSplits, batches
+from locallearn.data.core import place_data
 from locallearn.data.strong_augment import build_augment
 from locallearn.engines import Engine, StageUpdate, build_engine
 from locallearn.errors import TrainingError
@@ -208,12 +209,14 @@ class Trainer:
                  optimizers: Sequence[torch.optim.Optimizer] | None = None,
                  train_data: Batches | None = None, comm: Comm | None = None,
                  placement: Placement | None = None, device: torch.device | None = None) -> None:
-        self.cfg, self.data = cfg, data
+        self.cfg = cfg
         self.comm: Comm = comm or SingleProcess()
         self.first = self.comm.rank == 0
         self.folder = Path(run_dir) if run_dir is not None else None  # every rank's shards
         self.run_dir = self.folder if self.first else None          # metrics, summary: rank 0
         self.device = device or torch.device(cfg.engine.device)
+        # the splits on the device when they fit (data.on_device); only the first rank reads
+        self.data = place_data(data, self.device, cfg.data.on_device) if self.first else data
         self.choice = precision.resolve_config(cfg.train, self.device)
         self.engine: Engine = engine or build_engine(
             cfg.engine.name, aux_heads=cfg.engine.aux_heads, checkpoint=cfg.engine.checkpoint,
@@ -302,6 +305,7 @@ class Trainer:
             if data is not None:
                 t = time.perf_counter()
                 x, y = next(data)
+                x = engine.update.input(x)  # the run's memory format (channels-last)
                 data_seconds += time.perf_counter() - t
                 samples += len(y)
             inject_fault(comm.rank, self.epoch * self.steps_per_epoch + i)
