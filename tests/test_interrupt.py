@@ -22,7 +22,14 @@ def start(tmp_path: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "locallearn", "train", *ARGS, f"train.out_dir={tmp_path}",
            "train.name=run", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=_interruptible)
+
+
+def _interruptible() -> None:
+    """A user's terminal delivers Ctrl-C; a CI job started in the background inherits SIGINT
+    ignored, which Python would keep: restore the default so the child sees it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def interrupt_after_first_epoch(proc: subprocess.Popen, run_dir: Path) -> str:
