@@ -3,6 +3,8 @@
 import pytest
 
 from locallearn.config import ConfigError, from_dict, load_config, to_dict
+from locallearn.objectives import OBJECTIVES, build_objective
+from locallearn.objectives.base import objective_options
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -40,3 +42,26 @@ def test_file_errors(tmp_path):
     bad.write_text("model: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_an_objective_option_the_objective_does_not_read_is_refused_naming_what_it_reads(name):
+    with pytest.raises(ConfigError) as e:
+        build_objective(name, (8, 4, 4), 10, head="mlp", last=False, bogus=1)
+    known = objective_options(name)
+    assert str(e.value) == (f"unknown {name} option 'bogus' (objective.options); objective "
+                            f"{name!r} accepts: {', '.join(known)}")
+    assert {"pool", "momentum_aux"} <= set(known) and not {"head", "last", "stage"} & set(known)
+
+
+def test_a_typo_in_objective_options_stops_the_build_of_a_run_and_a_wrapped_objective():
+    from locallearn.build import build_data, build_net
+
+    cfg = load_config(None, ["model=mlp", "data=digits", "objective=ce", "split.k=2",
+                             "objective.options={hiden: [64], bogus: 1}"])
+    with pytest.raises(ConfigError, match=r"^unknown ce options 'hiden', 'bogus' "
+                                          r"\(objective.options\); objective 'ce' accepts: "
+                                          r"hidden, momentum_aux, pool$"):
+        build_net(cfg, build_data(cfg))
+    with pytest.raises(ConfigError, match="unknown supcon option 'temprature'.*temperature"):
+        build_objective("supcon", (8, 4, 4), 10, momentum_aux=0.9, temprature=0.1)

@@ -30,6 +30,7 @@ class HeadCE(Objective):
 
 @register_objective("ce", "cross-entropy of an auxiliary classifier head (DGL / greedy local learning)")
 def ce_objective(in_shape: tuple[int, ...], num_classes: int, *, head: str = "mlp",
-                 **options: Any) -> HeadCE:
-    """A :class:`HeadCE` with a head of kind ``head`` (see :mod:`locallearn.objectives.heads`)."""
+                 last: bool = False, **options: Any) -> HeadCE:
+    """A :class:`HeadCE` with a head of kind ``head`` (see :mod:`locallearn.objectives.heads`);
+    ``options`` are the head's (``hidden``, ``pool``). Every stage is alike, ``last`` too."""
     return HeadCE(build_head(head, in_shape, num_classes, **options))

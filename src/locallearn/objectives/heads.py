@@ -17,8 +17,6 @@ pooled first with :class:`locallearn.layers.SequencePool` (option ``pool``).
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from locallearn.errors import ConfigError
@@ -49,8 +47,7 @@ def _mlp(d: int, hidden: list[int], num_classes: int) -> nn.Sequential:
 
 
 def build_head(kind: str, in_shape: tuple[int, ...], num_classes: int,
-               hidden: int | list[int] | None = None, pool: str = "mean",
-               **unused: Any) -> nn.Module:
+               hidden: int | list[int] | None = None, pool: str = "mean") -> nn.Module:
     """Build an auxiliary head.
 
     Args:
