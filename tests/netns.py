@@ -25,6 +25,8 @@ what the host name resolves to.
 process group of every process it started, then every process left in either namespace,
 deletes both namespaces (which deletes the veth pair) and their ``/etc/netns`` folders;
 namespaces left by a test process that was killed outright are swept by the next one.
+:func:`shaped` limits the pair's rate (and with netem adds a delay) inside it, for the
+scale model's shaped-link runs (``benchmarks/scale_model/hosts.py``).
 """
 
 from __future__ import annotations
@@ -178,6 +180,55 @@ def host_pair() -> Iterator[tuple[Host, Host]]:
             with contextlib.suppress(RuntimeError):
                 _ip("netns", "del", h.ns)
             shutil.rmtree(Path("/etc/netns") / h.ns, ignore_errors=True)
+
+
+def _tc(*args: str) -> None:
+    done = subprocess.run(["tc", *args], capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise RuntimeError(f"tc {' '.join(args)}: {done.stderr.strip()}")
+
+
+def shaping(rate_mbit: float, delay_ms: float = 0.0) -> list[str]:
+    """The qdisc (``tc`` words) that shapes a veth end to ``rate_mbit`` and ``delay_ms``.
+
+    A delay needs ``netem`` (``delay X rate Y``, a queue of 100000 packets so that a burst
+    is delayed, not dropped); a rate alone uses ``tbf``, which every kernel with traffic
+    control has (netem is a module some kernels lack: ``tc`` then says "Specified qdisc
+    kind is unknown"). tbf's bucket is 64 KB (a few GSO segments: a larger one would let
+    a message pass at line rate) and its queue 4 MB, more than TCP keeps queued.
+    """
+    if delay_ms > 0:
+        return ["netem", "delay", f"{delay_ms}ms", "rate", f"{rate_mbit}mbit", "limit", "100000"]
+    return ["tbf", "rate", f"{rate_mbit}mbit", "burst", "64kb", "limit", "4mb"]
+
+
+@contextlib.contextmanager
+def shaped(hosts: Sequence[Host], rate_mbit: float, delay_ms: float = 0.0) -> Iterator[str]:
+    """Shape what every host sends on its veth (:func:`shaping`); yields the qdisc as text.
+
+    The qdiscs are deleted on exit, also on errors (deleting a namespace would delete
+    them too; this leaves the pair as it was for what runs next).
+
+    Raises:
+        RuntimeError: if ``tc`` refuses (the message is tc's).
+    """
+    words = shaping(rate_mbit, delay_ms)
+    done: list[Host] = []
+    try:
+        for h in hosts:
+            _tc("-n", h.ns, "qdisc", "add", "dev", h.ifname, "root", *words)
+            done.append(h)
+        yield " ".join(words)
+    finally:
+        for h in done:
+            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+                _tc("-n", h.ns, "qdisc", "del", "dev", h.ifname, "root")
+
+
+def qdiscs(host: Host) -> str:
+    """``tc qdisc show`` of the host's veth end."""
+    return subprocess.run(["tc", "-n", host.ns, "qdisc", "show", "dev", host.ifname],
+                          capture_output=True, text=True, timeout=30).stdout
 
 
 def wait_all(procs: Sequence[subprocess.Popen], timeout: float) -> list[int | None]:

@@ -43,6 +43,15 @@ def test_local_pipeline_adds_one_traversal_of_the_other_nodes_per_epoch():
     assert p.step_seconds == pytest.approx(0.03 + (0.01 + 0.02) / 4)
 
 
+def test_an_overlapped_link_bound_epoch_still_pays_the_first_compute_and_the_last():
+    """Sends beside compute: the steady step is the send (the link is the slowest), but the
+    first micro-batch is computed before anything is sent and the last one after."""
+    stages = [plan.StageCost(1e-3, out_bytes=100), plan.StageCost(2e-3)]
+    link = plan.Link(0.0, 1e4)  # 1000 bytes per send: 0.1 s
+    p = plan.local_pipeline(stages, 10, link, steps_per_epoch=4, overlap_send=True)
+    assert p.step_seconds == pytest.approx(0.1 + (0.01 + 0.1 + 0.02 - 0.1) / 4)
+
+
 def test_local_pipeline_replicas_share_the_batch_and_all_reduce_their_stage():
     stages = [plan.StageCost(1e-3, param_bytes=1e6), plan.StageCost(1e-3, param_bytes=1e6)]
     link = plan.Link(0.0, 1e9)

@@ -19,11 +19,16 @@ keeps the global batch fixed and grows the workers (pipeline: K = workers stages
 DDP: the batch is shared out); the weak-scaling table grows the global batch with
 the workers. The load average of the machine is recorded with every measurement.
 
+The ``replicas`` part (not run by default) compares, on 2 processes x 1 thread and K=2,
+data-parallel stages (``engine.replicas=2`` with 1 worker: each rank holds both stages and
+half of every batch, gradients all-reduced), the stage pipeline (2 workers, one stage
+each) and DDP.
+
 The ``groups`` part (not run by default) trains a net with G=2 width groups three ways:
 sequentially, with the K stages on K workers, and with every (stage, group) node on its
 own worker (``engine.placement=groups``, K x G workers).
 
-Usage: python benchmarks/pipeline_throughput/run.py [--quick] [--parts main strong weak groups]
+Usage: python benchmarks/pipeline_throughput/run.py [--quick] [--parts main strong weak groups peers replicas]
 """
 
 from __future__ import annotations
@@ -87,15 +92,18 @@ def single(ctx: Any, cfg: list[str], threads: int) -> list[dict[str, Any]]:
     return rows
 
 
-def pipeline(cfg: list[str], workers: int, micro: int = 1) -> list[dict[str, Any]]:
-    """Train with engine=pipeline on ``workers`` processes x 1 thread; its metrics rows."""
+def pipeline(cfg: list[str], workers: int, micro: int = 1, replicas: int = 1,
+             k: int | None = None) -> list[dict[str, Any]]:
+    """Train with engine=pipeline, K = ``k`` (default ``workers``) stages on ``workers`` x
+    ``replicas`` processes x 1 thread; its metrics rows."""
     from locallearn import runs
     from locallearn.config import load_config
     from locallearn.train import run
 
-    _, run_dir = run(load_config(None, [*cfg, "engine=pipeline", f"split.k={workers}",
+    _, run_dir = run(load_config(None, [*cfg, "engine=pipeline", f"split.k={k or workers}",
                                         f"engine.workers={workers}", "engine.threads=1",
-                                        f"engine.micro_batches={micro}"]))
+                                        f"engine.micro_batches={micro}",
+                                        f"engine.replicas={replicas}"]))
     return runs.read_metrics(run_dir)
 
 
@@ -400,6 +408,24 @@ def groups_table(ctx: Any, out: str, batch: int, steps: int, epochs: int) -> lis
     return rows
 
 
+def replicas_table(ctx: Any, out: str, batch: int, steps: int, epochs: int) -> list[list[Any]]:
+    """K=2 on 2 processes three ways: data-parallel stages (engine.replicas=2 on 1 worker:
+    both stages on each rank, half the batch each, gradients all-reduced), the stage
+    pipeline (one stage per rank) and DDP; the same model, batch and pinned cut."""
+    cut = pinned_cut(SCALING_MODEL)  # one cut for both K=2 layouts (split.by=time moves)
+    cfg = [o for o in overrides(SCALING_MODEL, batch, steps, epochs, out) if o != "split.by=time"]
+    pinned = [*cfg, "split.by=cuts", f"split.cuts=[{cut}]"]
+    print(f"{SCALING_MODEL} K=2 (cut after block {cut}) on 2 processes", flush=True)
+    m = {"replicas D=2 x W=1 (K=2 on each rank, half the batch)": measure(
+             "replicas D=2 W=1", lambda: pipeline(pinned, 1, replicas=2, k=2)),
+         "pipeline W=2 x D=1 (one stage per rank)": measure(
+             "pipeline W=2 D=1", lambda: pipeline(pinned, 2)),
+         "DDP BP, 2 workers x 1 thread": measure("ddp 2x1", lambda: ddp(ctx, cfg, 2))}
+    base = m["DDP BP, 2 workers x 1 thread"]["images_per_s"]
+    return [[mode, r["images_per_s"], r["images_per_s"] / base, r["efficiency"], r["load"]]
+            for mode, r in m.items()]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--parts", nargs="+", default=["main", "strong", "weak"])
@@ -463,6 +489,19 @@ def main() -> None:
                 {**common, "steps": f"{a.steps} steps per epoch", "model": SCALING_MODEL,
                  "groups": "split.groups=2, objective.detach_ratio=1, diversity_weight=0.5; "
                            "the machine has 2 cores, so 4 node workers share them"}))
+        if "replicas" in a.parts:
+            rows = replicas_table(ctx, out, a.batch, a.steps, a.epochs)
+            print(write_results(HERE, "replicas", [
+                "mode", "images/s", "vs DDP", "pipeline efficiency", "load avg"], rows,
+                {**common, "steps": f"{a.steps} steps per epoch", "model": SCALING_MODEL,
+                 "training": common["training"].split("; cuts")[0],
+                 "cut": "K=2 cut pinned (balanced by MACs, split.by=cuts) for both K=2 layouts",
+                 "layouts": "2 processes x 1 thread each: engine=pipeline engine.workers=1 "
+                            "engine.replicas=2 split.k=2 (rank 0 reads the batch and sends "
+                            "rank 1 its half; stage gradients averaged over gloo before each "
+                            "step); engine.workers=2 split.k=2; DDP (gloo) on 2 x half batch",
+                 "precision": "train.precision auto for all three (DDP applies the same "
+                              "locallearn.precision choice)"}))
         for part in ("strong", "weak"):
             if part in a.parts:
                 rows = scaling_table(ctx, out, a.batch, a.scaling_steps, a.epochs, part == "weak")

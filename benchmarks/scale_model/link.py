@@ -1,8 +1,11 @@
-"""Gloo ping-pong over loopback: one-way time per message size, fitted to latency + bytes / bandwidth.
+"""Gloo ping-pong: one-way time per message size, fitted to latency + bytes / bandwidth.
 
 Two processes (1 thread each) send a float32 tensor back and forth; the one-way time
 of a size is half the median round trip. The fit is least squares of ``t = a + n / b``
 over the sizes (1 KB to 16 MB), which is the :class:`locallearn.plan.Link` model.
+:func:`ping_pong` runs both ranks here over loopback; ``python link.py --rank R --init
+tcp://ADDR:PORT --out FILE`` is one rank on its own, which ``hosts.py`` starts on each of
+two network namespaces.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from typing import Any
 SIZES = [2**p for p in range(10, 25, 2)]  # 1 KB .. 16 MB
 
 
-def _worker(rank: int, init: str, repeats: int, queue: Any) -> None:
+def measure(rank: int, init: str, repeats: int, sizes: list[int] = SIZES) -> list[dict[str, Any]]:
+    """One rank of the ping-pong (rank 0 starts each round trip); the rows of every size."""
     import torch
     import torch.distributed as dist
 
@@ -24,7 +28,7 @@ def _worker(rank: int, init: str, repeats: int, queue: Any) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2,
                             timeout=timedelta(seconds=120))
     rows = []
-    for n in SIZES:
+    for n in sizes:
         t = torch.zeros(n // 4)
         times = []
         for i in range(repeats + 2):  # two warm-up round trips
@@ -39,9 +43,14 @@ def _worker(rank: int, init: str, repeats: int, queue: Any) -> None:
             if i >= 2:
                 times.append(time.perf_counter() - start)
         rows.append({"bytes": n, "one_way_s": statistics.median(times) / 2})
+    dist.destroy_process_group()
+    return rows
+
+
+def _worker(rank: int, init: str, repeats: int, queue: Any) -> None:
+    rows = measure(rank, init, repeats)
     if rank == 0:
         queue.put(rows)
-    dist.destroy_process_group()
 
 
 def fit(rows: list[dict[str, float]]) -> tuple[float, float]:
@@ -78,7 +87,26 @@ def ping_pong(repeats: int = 20) -> dict[str, Any]:
     return {"rows": rows, "latency_s": latency, "bandwidth_Bps": bandwidth, "load": load}
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """Loopback (no arguments), or one rank of a ping-pong between two hosts."""
+    import argparse
     import json
 
-    print(json.dumps(ping_pong(), indent=1))
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rank", type=int, help="this rank (0 or 1); omit for both over loopback")
+    p.add_argument("--init", help="tcp://ADDR:PORT of rank 0")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--max-bytes", type=int, default=SIZES[-1])
+    p.add_argument("--out", help="rank 0 writes its rows (JSON) here")
+    a = p.parse_args()
+    if a.rank is None:
+        print(json.dumps(ping_pong(a.repeats), indent=1))
+        return
+    rows = measure(a.rank, a.init, a.repeats, [n for n in SIZES if n <= a.max_bytes])
+    if a.rank == 0:
+        with open(a.out, "w") as f:
+            json.dump(rows, f)
+
+
+if __name__ == "__main__":
+    main()

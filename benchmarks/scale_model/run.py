@@ -12,6 +12,10 @@ Parts (``--parts``):
                ``from_alone``: per-stage seconds of a separate 1-worker run of the same K
                (every stage timed alone on one thread), processor sharing over 2 cores: a
                prediction that sees nothing of the measured run
+``hosts``      (not run by default; root and iproute2) the same across two network
+               namespaces joined by a veth pair (``tests/netns.py``), plain and rate-shaped
+               (``tc``): a gloo ping-pong between them and two-host ``engine=pipeline`` runs
+               under torchrun (``hosts.py``), stored as ``link_hosts`` and ``validation_hosts``
 ``project``    ResNet-110 (CIFAR, 32x32) and ViT-B/16 (224x224; and a 64-layer ViT-B to reach
                K=64) on 8..1024 devices from MACs per block at a stated GPU throughput,
                NVLink and 100 Gb/s Ethernet: throughput and memory per device of each scheme
@@ -27,6 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -106,12 +112,13 @@ def epoch_figures(rows: list[dict[str, Any]], k: int, workers: int) -> dict[str,
 
 def predict(stage_seconds: list[float], data_seconds: float,
             sizes: tuple[list[float], list[float]], link: plan.Link, workers: int, micro: int, replicas: int,
-            cores: float | None) -> float:
+            cores: float | None, overlap_send: bool = False) -> float:
     """Images/s of the local pipeline from per-epoch stage and data seconds of one rank."""
     samples = BATCH * STEPS / replicas  # what one rank of a replica group computed per epoch
     stages = [plan.StageCost(seconds=s / samples, out_bytes=b, param_bytes=p)
               for s, b, p in zip(stage_seconds, *sizes)]
     return plan.local_pipeline(stages, BATCH, link, workers, micro, replicas, STEPS, cores,
+                               overlap_send=overlap_send,
                                data_seconds=data_seconds * replicas / STEPS).images_per_s
 
 
@@ -121,45 +128,82 @@ def bottleneck_only(stage_seconds: list[float], k: int, workers: int, replicas: 
     return BATCH * STEPS / max(per_node)
 
 
+def calibrate(k: int, out: str) -> dict[str, Any]:
+    """Per-stage seconds of a 1-worker run of K stages (every stage timed alone, one thread)."""
+    load = os.getloadavg()[0]
+    alone = {**epoch_figures(train(overrides(k, 1, 1, 1, out)), k, 1), "load": load}
+    print(f"calibration K={k} W=1: {alone['images_per_s']:.1f} images/s, load {load:.2f}",
+          flush=True)
+    return alone
+
+
+def make_row(config: tuple[int, int, int, int], fig: dict[str, Any], alone: dict[str, Any],
+             link: plan.Link, load: float, start: float,
+             overlap_send: bool = False) -> dict[str, Any]:
+    """One validation row: the run's measured images/s beside the model's predictions."""
+    k, w, m, d = config
+    sizes = stage_bytes(k)
+    from_run = predict(fig["stage_seconds"], fig["data_seconds"], sizes, link, w, m, d, None,
+                       overlap_send)
+    from_alone = predict(alone["stage_seconds"], alone["data_seconds"], sizes, link,
+                         w, m, d, cores=2, overlap_send=overlap_send)
+    bare = bottleneck_only(fig["stage_seconds"], k, w, d)
+    row = {"model": MODEL, "k": k, "workers": w, "micro_batches": m, "replicas": d,
+           "batch": BATCH, "steps_per_epoch": STEPS, "measured": fig["images_per_s"],
+           "predicted": from_run, "predicted_from_alone": from_alone,
+           "error_pct": 100 * (from_run / fig["images_per_s"] - 1),
+           "error_from_alone_pct": 100 * (from_alone / fig["images_per_s"] - 1),
+           "predicted_bottleneck_only": bare,
+           "error_bottleneck_only_pct": 100 * (bare / fig["images_per_s"] - 1),
+           "stage_seconds": fig["stage_seconds"], "data_seconds": fig["data_seconds"],
+           "calibration_stage_seconds": alone["stage_seconds"],
+           "calibration_load": alone["load"], "pipeline_efficiency": fig["efficiency"],
+           "load": load, "run_seconds": time.time() - start}
+    print(f"K={k} W={w} m={m} D={d}: measured {row['measured']:.1f}, predicted "
+          f"{from_run:.1f} ({row['error_pct']:+.1f} %), from alone {from_alone:.1f} "
+          f"({row['error_from_alone_pct']:+.1f} %), load {load:.2f}", flush=True)
+    return row
+
+
 def validate(link: plan.Link, out: str, fresh: bool = False) -> list[dict[str, Any]]:
     """Every config measured and predicted; ``fresh``: a new 1-worker calibration run right
     before each config (closer in time, so nearer the same machine share)."""
     alone: dict[int, dict[str, Any]] = {}
     rows = []
     for k, w, m, d in CONFIGS:
-        if k not in alone or fresh:  # per-stage seconds with every stage timed alone on one thread
-            load = os.getloadavg()[0]
-            alone[k] = {**epoch_figures(train(overrides(k, 1, 1, 1, out)), k, 1), "load": load}
-            print(f"calibration K={k} W=1: {alone[k]['images_per_s']:.1f} images/s, "
-                  f"load {load:.2f}", flush=True)
+        if k not in alone or fresh:
+            alone[k] = calibrate(k, out)
         load = os.getloadavg()[0]
         start = time.time()
         fig = epoch_figures(train(overrides(k, w, m, d, out)), k, w)
-        sizes = stage_bytes(k)
-        from_run = predict(fig["stage_seconds"], fig["data_seconds"], sizes, link, w, m, d, None)
-        from_alone = predict(alone[k]["stage_seconds"], alone[k]["data_seconds"], sizes, link,
-                             w, m, d, cores=2)
-        bare = bottleneck_only(fig["stage_seconds"], k, w, d)
-        row = {"model": MODEL, "k": k, "workers": w, "micro_batches": m, "replicas": d,
-               "batch": BATCH, "steps_per_epoch": STEPS, "measured": fig["images_per_s"],
-               "predicted": from_run, "predicted_from_alone": from_alone,
-               "error_pct": 100 * (from_run / fig["images_per_s"] - 1),
-               "error_from_alone_pct": 100 * (from_alone / fig["images_per_s"] - 1),
-               "predicted_bottleneck_only": bare,
-               "error_bottleneck_only_pct": 100 * (bare / fig["images_per_s"] - 1),
-               "stage_seconds": fig["stage_seconds"], "data_seconds": fig["data_seconds"],
-               "calibration_stage_seconds": alone[k]["stage_seconds"],
-               "calibration_load": alone[k]["load"], "pipeline_efficiency": fig["efficiency"],
-               "load": load, "run_seconds": time.time() - start}
-        rows.append(row)
-        print(f"K={k} W={w} m={m} D={d}: measured {row['measured']:.1f}, predicted "
-              f"{from_run:.1f} ({row['error_pct']:+.1f} %), from alone {from_alone:.1f} "
-              f"({row['error_from_alone_pct']:+.1f} %), load {load:.2f}", flush=True)
+        rows.append(make_row((k, w, m, d), fig, alone[k], link, load, start))
     return rows
+
+
+def print_host_table(results: dict[str, Any]) -> None:
+    """The two-host link fits and validation rows (markdown)."""
+    print("\n| link | qdisc | latency us | bandwidth MB/s | load |\n|---|---|---|---|---|")
+    for f in results["link_hosts"]:
+        print(f"| {f['link']} | {f['qdisc']} | {f['latency_s'] * 1e6:.0f} | "
+              f"{f['bandwidth_Bps'] / 1e6:.1f} | {f['load']:.1f} |")
+    print("\n| link | K | workers | micro-batches | measured images/s | predicted | error % | "
+          "serial-send predicted | error % | bottleneck-only error % | from-alone predicted "
+          "| error % | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results["validation_hosts"]:
+        print(f"| {r['link']} | {r['k']} | {r['workers']} | {r['micro_batches']} | "
+              f"{r['measured']:.1f} | {r['predicted']:.1f} | {r['error_pct']:+.1f} | "
+              f"{r['predicted_serial_send']:.1f} | {r['error_serial_send_pct']:+.1f} | "
+              f"{r['error_bottleneck_only_pct']:+.1f} | {r['predicted_from_alone']:.1f} | "
+              f"{r['error_from_alone_pct']:+.0f} | {r['load']:.1f} |")
+    errs = [abs(r["error_pct"]) for r in results["validation_hosts"]]
+    print(f"mean |error| {statistics.fmean(errs):.1f} %, max {max(errs):.1f} %")
 
 
 def print_tables(results: dict[str, Any]) -> None:
     """The README's tables (markdown) from ``results.json``."""
+    if "validation_hosts" in results:
+        print_host_table(results)
     for part in ("validation", "validation_repeat"):
         if part not in results:
             continue
@@ -213,7 +257,7 @@ def print_tables(results: dict[str, Any]) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--parts", nargs="+", default=["link", "validate", "project"],
-                   help="link validate project tables; 'repeat': validate again with a fresh "
+                   help="link validate project tables hosts; 'repeat': validate again with a fresh "
                         "calibration run before every config (stored as validation_repeat)")
     a = p.parse_args()
     results_path = HERE / "results.json"
@@ -239,6 +283,26 @@ def main() -> None:
     if "repeat" in a.parts:
         with tempfile.TemporaryDirectory() as out:
             results["validation_repeat"] = validate(link, out, fresh=True)
+    if "hosts" in a.parts:
+        from hosts import validate_hosts
+
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the namespaces' teardown runs
+        load, began = os.getloadavg(), time.gmtime()
+        with tempfile.TemporaryDirectory() as out:
+            found = validate_hosts(out)
+        results["link_hosts"], results["validation_hosts"] = found["links"], found["rows"]
+        results["validation_hosts_meta"] = {
+            "machine": f"{os.cpu_count()} CPU cores shared with other engineers' work; "
+                       "1 torch thread per worker; both namespaces on this machine",
+            "hosts": "tests/netns.py: 2 network namespaces joined by a veth pair, torchrun "
+                     "--nnodes 2 on each, c10d rendezvous on host A, gloo on the veth",
+            "shaping": "tc on both veth ends (netns.shaping: tbf for a rate alone, netem "
+                       "with a delay)", "netem": found["netem"],
+            "kernel": platform.release(),
+            "predicted": "the run's own stage_seconds + data seconds, the link fitted by the "
+                         "ping-pong under the same shaping, sends overlapped with compute",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", began),
+            "load average at start (1/5/15 min)": "/".join(f"{v:.2f}" for v in load)}
     if "project" in a.parts:
         from project import plot, project
 

@@ -187,7 +187,8 @@ def local_pipeline(stages: Sequence[StageCost], batch: int, link: Link, workers:
         micro_batches: parts per batch, sent on their own.
         replicas: data-parallel copies of every node (gradients all-reduced per step).
         steps_per_epoch: if given, every epoch's fill and drain is added (one traversal
-            of one micro-batch through the other nodes), as a measured epoch has it.
+            of one micro-batch, compute and sends, beside the slowest node's calls), as a
+            measured epoch has it.
         cores: processors shared by all nodes (this machine's 2 CPU cores); ``None``:
             every node has its own device.
         param_copies: parameter bytes held per parameter byte (weights, gradients and
@@ -204,11 +205,13 @@ def local_pipeline(stages: Sequence[StageCost], batch: int, link: Link, workers:
     _check(batch, micro_batches, replicas)
     mb = batch / (replicas * micro_batches)  # samples per call on one device
     per_call, per_step, memory = [], [], []
+    traversal = 0.0  # one micro-batch through every node: its sends never overlap its compute
     for i, run in enumerate(runs):
         own = [stages[j] for j in run]
         compute = sum(s.fixed_seconds + mb * (s.seconds + s.head_seconds) for s in own)
         send = link.seconds(mb * own[-1].out_bytes) if i < len(runs) - 1 else 0.0
         call = max(compute, send) if overlap_send else compute + send
+        traversal += compute + send
         grads = sum(s.param_bytes + s.head_param_bytes for s in own)
         update = sum(s.update_seconds for s in own) + ring_allreduce_seconds(grads, replicas, link)
         update += data_seconds / replicas if i == 0 else 0.0  # each replica reads its shard
@@ -219,7 +222,7 @@ def local_pipeline(stages: Sequence[StageCost], batch: int, link: Link, workers:
     step = max(per_step)
     if cores is not None and len(runs) * replicas > cores:  # processors shared: work / cores
         step = max(step, sum(per_step) * replicas / cores)
-    epoch_extra = (sum(per_call) - per_call[per_step.index(max(per_step))]
+    epoch_extra = (traversal - per_call[per_step.index(max(per_step))]
                    if steps_per_epoch else 0.0)
     seconds = step + epoch_extra / (steps_per_epoch or 1)
     return Prediction("local", k, len(runs), replicas, micro_batches, batch, seconds,
