@@ -4,6 +4,7 @@ returning something else is refused at build time, naming the block."""
 
 import pytest
 import torch
+from helpers import vit_blocks
 from torch import nn
 
 import locallearn as ll
@@ -12,26 +13,9 @@ from locallearn.objectives.heads import HEAD_KINDS
 from locallearn.types import Masked, detach
 
 
-class PatchEmbed(nn.Module):
-    """(B, 1, 8, 8) images -> (B, 16, 12) tokens of 2x2 patches."""
-
-    def __init__(self, dim: int = 12) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(1, dim, 2, stride=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
 class Pair(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple:
         return x, x
-
-
-def vit_blocks(depth: int = 3, dim: int = 12) -> list[nn.Module]:
-    layers = [nn.TransformerEncoderLayer(dim, 2, 24, dropout=0.0, batch_first=True)
-              for _ in range(depth)]
-    return [PatchEmbed(dim), *layers]
 
 
 @pytest.mark.parametrize("head", HEAD_KINDS)

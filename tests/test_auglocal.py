@@ -1,23 +1,19 @@
 """AugLocal: auxiliary nets of fresh copies of uniformly picked later blocks, pyramidal depth."""
 
-import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_pipeline_equals_sequential, cross_entropy_by_loop, resnet20_net
 from presets import run_preset
 
-from locallearn.engines import LocalEngine
-from locallearn.models import build_model
 from locallearn.network import LocalNet
 from locallearn.objectives.auglocal import adapter, aux_depth, uniform_picks
 
 
 def _net(k: int = 4, **options) -> LocalNet:
-    torch.manual_seed(0)
-    return LocalNet.from_backbone(build_model("resnet20", (3, 8, 8), 10, width=0.25), k,
-                                  objective="auglocal", head="0c1f", objective_options=options)
+    return resnet20_net(k, "auglocal", "0c1f", **options)
 
 
 def test_depth_falls_linearly_from_the_first_to_the_last_local_stage():
@@ -46,8 +42,7 @@ def test_loss_is_cross_entropy_of_the_head_after_the_aux_blocks():
     z = h
     for m in obj.aux:
         z = m(z)
-    logits = obj.classifier.head(z)
-    ce = -sum(torch.log_softmax(logits[i], 0)[y[i]] for i in range(5)) / 5
+    ce = cross_entropy_by_loop(obj.classifier.head(z), y)
     torch.testing.assert_close(obj.loss(h, y), ce)
     torch.testing.assert_close(F.cross_entropy(obj.predict(h), y), ce)
 
@@ -63,19 +58,8 @@ def test_stage_k_loss_trains_only_its_body_and_its_own_copies():
 
 
 def test_pipeline_equals_the_sequential_engine():
-    from test_pipeline import pipeline_step, ranks
-
-    a = _net(3)
-    b = copy.deepcopy(a)
-    oa, ob = ([torch.optim.SGD(s.parameters(), lr=0.05, momentum=0.9) for s in n.stages]
-              for n in (a, b))
-    engines = ranks(b, 3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(2):
-        x, y = torch.randn(6, 3, 8, 8, generator=g), torch.randint(0, 10, (6,), generator=g)
-        assert pipeline_step(engines, b, ob, x, y) == pytest.approx(LocalEngine().step(a, oa, x, y))
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb)
+    assert_pipeline_equals_sequential(
+        _net(3), 3, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), (6, 3, 8, 8), 10)
 
 
 def test_the_preset_trains_for_an_epoch(tmp_path):

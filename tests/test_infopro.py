@@ -1,14 +1,13 @@
 """InfoPro: lambda1 * reconstruction + lambda2 * task loss, against the formula, per stage."""
 
-import copy
 import math
 
 import pytest
 import torch
+from helpers import assert_pipeline_equals_sequential, cross_entropy_by_loop, resnet20_net
 from presets import run_preset
 
 from locallearn.engines import LocalEngine
-from locallearn.models import build_model
 from locallearn.network import LocalNet
 from locallearn.objectives import build_objective
 from locallearn.objectives.infopro import stage_weight
@@ -16,9 +15,7 @@ from locallearn.objectives.supcon import supcon_loss
 
 
 def _net(k: int = 4, **options) -> LocalNet:
-    torch.manual_seed(0)
-    return LocalNet.from_backbone(build_model("resnet20", (3, 8, 8), 10, width=0.25), k,
-                                  objective="infopro", head="1c2f", objective_options=options)
+    return resnet20_net(k, "infopro", "1c2f", **options)
 
 
 def _reference(obj, h, x, y, lam_recon, lam_task, task_loss):
@@ -33,8 +30,7 @@ def test_softmax_loss_is_weighted_reconstruction_plus_cross_entropy():
                           image_shape=(3, 8, 8))
     h, x, y = torch.randn(6, 4, 8, 8), torch.randn(6, 3, 8, 8), torch.arange(6) % 3
     obj.set_target(x)
-    logits = obj.inner.inner.head(h)
-    ce = -sum(torch.log_softmax(logits[i], 0)[y[i]] for i in range(6)) / 6
+    ce = cross_entropy_by_loop(obj.inner.inner.head(h), y)
     lam_recon, lam_task = 1.0 + (0.2 - 1.0) * 1 / 2, 0.5 + (1.0 - 0.5) * 1 / 2  # stage 2 of 3 local
     torch.testing.assert_close(obj.loss(h, y), _reference(obj, h, x, y, lam_recon, lam_task, ce))
 
@@ -77,19 +73,9 @@ def test_every_local_stage_receives_the_network_input_as_its_target():
 
 @pytest.mark.parametrize("variant", ["softmax", "contrast"])
 def test_pipeline_equals_the_sequential_engine(variant):
-    from test_pipeline import pipeline_step, ranks
-
-    a = _net(3, variant=variant)
-    b = copy.deepcopy(a)
-    oa, ob = ([torch.optim.SGD(s.parameters(), lr=0.05, momentum=0.9) for s in n.stages]
-              for n in (a, b))
-    engines = ranks(b, 3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(2):
-        x, y = torch.randn(6, 3, 8, 8, generator=g), torch.randint(0, 3, (6,), generator=g)
-        assert pipeline_step(engines, b, ob, x, y) == pytest.approx(LocalEngine().step(a, oa, x, y))
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb)
+    assert_pipeline_equals_sequential(_net(3, variant=variant), 3,
+                                      lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+                                      (6, 3, 8, 8), 3)
 
 
 @pytest.mark.parametrize("variant", ["softmax", "contrast"])

@@ -6,21 +6,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import cross_entropy_by_loop, resnet20_net
 from presets import run_preset
 
 import locallearn as ll
 from locallearn import runs
 from locallearn.engines import LocalEngine
-from locallearn.models import build_model
-from locallearn.network import LocalNet
 from locallearn.objectives.momentum import MomentumAux, check_config
 
 
-def _net(k: int = 3, m: float = 0.9) -> LocalNet:
-    torch.manual_seed(0)
-    return LocalNet.from_backbone(build_model("resnet20", (3, 8, 8), 10, width=0.25), k,
-                                  objective="ce", head="0c1f",
-                                  objective_options={"momentum_aux": m})
+def _net(k: int = 3, m: float = 0.9) -> ll.LocalNet:
+    return resnet20_net(k, "ce", "0c1f", momentum_aux=m)
 
 
 def test_local_stages_read_their_output_through_a_copy_of_the_next_first_block():
@@ -33,8 +29,7 @@ def test_local_stages_read_their_output_through_a_copy_of_the_next_first_block()
     obj.scale.data.uniform_(0.5, 1.5)
     obj.bias.data.normal_()
     z = obj.ema(h) * obj.scale.view(1, -1, 1, 1) + obj.bias.view(1, -1, 1, 1)
-    logits = obj.inner.head(z)
-    ce = -sum(torch.log_softmax(logits[i], 0)[y[i]] for i in range(5)) / 5
+    ce = cross_entropy_by_loop(obj.inner.head(z), y)
     torch.testing.assert_close(obj.loss(h, y), ce)
     torch.testing.assert_close(F.cross_entropy(obj.predict(h), y), ce)
 
@@ -113,10 +108,7 @@ def test_the_trainer_moves_the_ema_after_every_step(tmp_path):
 
 
 def test_man_composes_with_infopro_whose_decoder_still_receives_the_input():
-    torch.manual_seed(0)
-    net = LocalNet.from_backbone(build_model("resnet20", (3, 8, 8), 10, width=0.25), 3,
-                                 objective="infopro", head="1c2f",
-                                 objective_options={"momentum_aux": 0.9})
+    net = resnet20_net(3, "infopro", "1c2f", momentum_aux=0.9)
     x = torch.randn(4, 3, 8, 8)
     opts = [torch.optim.SGD(s.parameters(), lr=0.1) for s in net.stages]
     losses = LocalEngine().step(net, opts, x, torch.arange(4))

@@ -1,23 +1,23 @@
 """The pipeline engine in one process: wire format, stage assignment, synchronized updates.
 
-Ranks are simulated by engines joined with an in-memory link that encodes and decodes
-every packet through the real wire format, so the per-rank logic (detach, micro-
-batches, trails, evaluation sums) is checked against the sequential engine in
-milliseconds. The multi-process runs are in ``test_pipeline_launch.py``.
+Ranks are simulated by engines joined with an in-memory link (``helpers.ranks``) that
+encodes and decodes every packet through the real wire format, so the per-rank logic
+(detach, micro-batches, trails, evaluation sums) is checked against the sequential engine
+in milliseconds. The multi-process runs are in ``test_pipeline_launch.py``.
 """
 
 import copy
-from collections import deque
 
 import pytest
 import torch
+from helpers import pipeline_step, ranks
 
 from locallearn.config import ConfigError, load_config
 from locallearn.distributed.faults import root_cause
 from locallearn.distributed.wire import EVAL, STOP, TRAIN, Layout, Packet, WireError, encode
 from locallearn.distributed.worker import data_spec, placeholder_data
 from locallearn.engines import LocalEngine
-from locallearn.engines.pipeline import EvalTally, PipelineEngine, assign_stages, merge_tallies
+from locallearn.engines.pipeline import EvalTally, assign_stages, merge_tallies
 from locallearn.evaluate import evaluate
 from locallearn.models import build_model
 from locallearn.network import LocalNet
@@ -26,54 +26,6 @@ from locallearn.split import balanced_cuts, find_cuts
 from locallearn.types import Masked
 
 torch.set_num_threads(1)
-
-
-# -- an in-memory link through the wire format --------------------------------------------
-
-class Loopback:
-    """Outbox and Inbox in one: every packet is encoded, copied into fresh buffers, decoded."""
-
-    def __init__(self) -> None:
-        self.queue: deque = deque()
-        self.wait_seconds = 0.0
-
-    def put(self, packet: Packet) -> None:
-        header, *tensors = encode(packet)
-        layout = Layout.parse(header.clone())
-        buffers = layout.buffers()
-        for b, t in zip(buffers, tensors):
-            b.copy_(t)
-        self.queue.append(layout.packet(buffers))
-
-    def get(self, kind: int) -> Packet:
-        packet = self.queue.popleft()
-        assert packet.kind == kind
-        return packet
-
-    def flush(self) -> None:
-        pass
-
-
-def ranks(net: LocalNet, workers: int, micro: int = 1) -> list[PipelineEngine]:
-    """Engines for ``workers`` simulated ranks joined by loopback links."""
-    ranges = assign_stages(net.k, workers)
-    links = [Loopback() for _ in range(workers - 1)]
-    engines = []
-    for r, mine in enumerate(ranges):
-        needs = {j for k in range(mine.stop, net.k) for j in net.needs(k)}
-        engines.append(PipelineEngine(mine, links[r - 1] if r else None,
-                                      links[r] if r < workers - 1 else None, micro, sorted(needs)))
-    return engines
-
-
-def pipeline_step(engines, net, opts, x, y) -> list[float]:
-    """One batch through every rank in turn; the merged per-stage losses."""
-    losses = engines[0].step(net, opts, x, y)
-    for e in engines[1:]:
-        for k, v in enumerate(e.step(net, opts)):
-            if k in e.stages:
-                losses[k] = v
-    return losses
 
 
 def optimizers(net: LocalNet, name: str = "sgd"):

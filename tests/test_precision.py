@@ -8,15 +8,14 @@ happen in the same order and the parameters agree bit for bit.
 import contextlib
 import copy
 import warnings
-from collections import deque
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import Loopback
 
 from locallearn import precision
 from locallearn.config import load_config
-from locallearn.distributed.wire import Layout, Packet, encode
 from locallearn.engines import LocalEngine
 from locallearn.engines.base import StageUpdate
 from locallearn.engines.pipeline import PipelineEngine, assign_stages
@@ -200,28 +199,6 @@ def test_plain_backward_and_step_outside_fp16():
 
 
 # -- bf16: the pipeline is still the sequential engine, bit for bit ------------------------------
-
-class Loopback:
-    """Outbox and Inbox in one: every packet goes through the wire format into fresh buffers."""
-
-    def __init__(self) -> None:
-        self.queue: deque = deque()
-        self.wait_seconds = 0.0
-
-    def put(self, packet: Packet) -> None:
-        header, *tensors = encode(packet)
-        layout = Layout.parse(header.clone())
-        buffers = layout.buffers()
-        for b, t in zip(buffers, tensors):
-            b.copy_(t)
-        self.queue.append(layout.packet(buffers))
-
-    def get(self, kind: int) -> Packet:
-        return self.queue.popleft()
-
-    def flush(self) -> None:
-        pass
-
 
 def _optimizers(net):
     return [build_optimizer(s.parameters(), "sgd", 0.05, momentum=0.9, weight_decay=5e-4)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_pipeline_equals_sequential, cross_entropy_by_loop
 from presets import run_preset
 
 from locallearn.engines import LocalEngine
@@ -43,7 +44,7 @@ def test_predsim_mixes_pred_and_sim_with_beta():
     assert pool_size((64, 16, 16), 2048) == 4  # 64 * 4 * 4 = 1024 <= 2048 < 64 * 8 * 8
     lin = obj.classifier[-1]
     logits = F.avg_pool2d(h, 4).flatten(1) @ lin.weight.t() + lin.bias
-    pred = -sum(torch.log_softmax(logits[i], 0)[y[i]] for i in range(5)) / 5
+    pred = cross_entropy_by_loop(logits, y)
     same = (y.view(-1, 1) == y.view(1, -1)).float()
     sim = ((_cos_matrix_by_loop(obj.sim_conv(h)) - (same - 0.1) / 0.9) ** 2).mean()
     torch.testing.assert_close(obj.loss(h, y), 0.1 * pred + 0.9 * sim, rtol=1e-5, atol=1e-6)
@@ -82,22 +83,11 @@ def test_layer_wise_predsim_trains_every_layer_on_its_own_loss():
 
 
 def test_pipeline_equals_the_sequential_engine():
-    import copy
-
-    from test_pipeline import pipeline_step, ranks
-
     torch.manual_seed(0)
-    a = LocalNet.from_backbone(build_model("vgg8b", (3, 8, 8), 10, width=0.125), 4,
-                               objective="predsim", head="linear")
-    b = copy.deepcopy(a)
-    oa, ob = ([torch.optim.Adam(s.parameters(), lr=1e-3) for s in n.stages] for n in (a, b))
-    engines = ranks(b, 2)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(2):
-        x, y = torch.randn(6, 3, 8, 8, generator=g), torch.randint(0, 10, (6,), generator=g)
-        assert pipeline_step(engines, b, ob, x, y) == pytest.approx(LocalEngine().step(a, oa, x, y))
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb)
+    net = LocalNet.from_backbone(build_model("vgg8b", (3, 8, 8), 10, width=0.125), 4,
+                                 objective="predsim", head="linear")
+    assert_pipeline_equals_sequential(net, 2, lambda p: torch.optim.Adam(p, lr=1e-3),
+                                      (6, 3, 8, 8), 10)
 
 
 def test_the_preset_trains_for_an_epoch(tmp_path):

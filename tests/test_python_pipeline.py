@@ -6,26 +6,11 @@ import copy
 
 import pytest
 import torch
+from helpers import vit_blocks
 from torch import nn
 
 import locallearn as ll
 from locallearn.errors import ConfigError, TrainingError
-
-
-class PatchEmbed(nn.Module):
-    """(B, 1, 8, 8) digits -> (B, 16, 12) tokens of 2x2 patches (a user's own module)."""
-
-    def __init__(self, dim: int = 12) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(1, dim, 2, stride=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
-def vit_like() -> list[nn.Module]:
-    return [PatchEmbed(), *[nn.TransformerEncoderLayer(12, 2, 24, dropout=0.0, batch_first=True)
-                            for _ in range(3)]]
 
 
 def settings(tmp_path, engine: str):
@@ -38,7 +23,7 @@ def settings(tmp_path, engine: str):
 def test_a_vit_like_net_built_in_python_trains_in_real_workers_like_the_local_engine(tmp_path):
     data = ll.load_data("digits")
     torch.manual_seed(0)
-    net = ll.LocalNet.from_blocks(vit_like(), data.input_shape, data.num_classes, k=2, head="mlp")
+    net = ll.LocalNet.from_blocks(vit_blocks(), data.input_shape, data.num_classes, k=2, head="mlp")
     twin = copy.deepcopy(net)
     piped = ll.Trainer(net, data, settings(tmp_path, "pipeline")).fit()
     local = ll.Trainer(twin, data, settings(tmp_path, "local")).fit()
@@ -62,7 +47,7 @@ def test_a_module_that_cannot_be_pickled_is_refused_naming_the_reason(tmp_path):
 
 def test_user_optimizers_and_batches_train_in_one_process(tmp_path):
     data = ll.load_data("digits")
-    net = ll.LocalNet.from_blocks(vit_like(), data.input_shape, data.num_classes, k=2)
+    net = ll.LocalNet.from_blocks(vit_blocks(), data.input_shape, data.num_classes, k=2)
     optimizers = [torch.optim.Adam(s.parameters(), lr=1e-3) for s in net.stages]
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(data.train.x[:64].float(), data.train.y[:64]), batch_size=16)

@@ -202,7 +202,7 @@ def test_end_to_end_baseline_trains_early_stages_only_through_the_last_loss():
 def test_pipeline_with_nt_xent_equals_the_sequential_engine():
     import copy
 
-    from test_pipeline import pipeline_step, ranks  # the in-memory ranks of the pipeline tests
+    from helpers import pipeline_step, ranks  # the in-memory ranks of the pipeline tests
 
     a = _simclr_net(2)
     b = copy.deepcopy(a)

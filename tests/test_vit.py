@@ -1,10 +1,10 @@
 """The vision transformer: a patch embedding and encoder layers as blocks of (B, N, D) tokens."""
 
-import copy
 import math
 
 import pytest
 import torch
+from helpers import assert_pipeline_equals_sequential
 from presets import run_preset
 
 from locallearn.engines import LocalEngine
@@ -48,21 +48,12 @@ def test_local_training_works_for_every_k_up_to_the_number_of_layers(k):
 
 
 def test_pipeline_equals_the_sequential_engine():
-    from test_pipeline import pipeline_step, ranks
-
     torch.manual_seed(0)
-    a = LocalNet.from_backbone(_vit(), 3, head="linear")
-    b = copy.deepcopy(a)
+    net = LocalNet.from_backbone(_vit(), 3, head="linear")
     # SGD: the received tokens differ from the local ones in float rounding only (~1e-8, the
     # attention kernel's summation order), which Adam would magnify on near-zero gradients
-    oa, ob = ([torch.optim.SGD(s.parameters(), lr=0.1) for s in n.stages] for n in (a, b))
-    engines = ranks(b, 3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(2):
-        x, y = torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)
-        assert pipeline_step(engines, b, ob, x, y) == pytest.approx(LocalEngine().step(a, oa, x, y))
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    assert_pipeline_equals_sequential(net, 3, lambda p: torch.optim.SGD(p, lr=0.1),
+                                      (4, 3, 16, 16), 10, rtol=1e-5, atol=1e-6)
 
 
 def test_the_preset_trains_for_an_epoch(tmp_path):
