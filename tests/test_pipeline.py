@@ -128,7 +128,7 @@ def test_pipeline_updates_equal_the_sequential_engine(k, workers):
     for x, y in batches(4, (1, 8, 8)):
         la = LocalEngine().step(a, oa, x, y)
         lb = pipeline_step(engines, b, ob, x, y)
-        assert lb == pytest.approx(la, rel=1e-6)
+        assert lb == pytest.approx([float(v) for v in la], rel=1e-6)
     assert_same_params(a, b, atol=1e-7)
 
 
@@ -140,7 +140,7 @@ def test_micro_batches_accumulate_to_the_whole_batch_update():
     for x, y in batches(3, (1, 8, 8), batch=10):  # 10 samples in parts of 3, 3, 2, 2
         la = LocalEngine().step(a, oa, x, y)
         lb = pipeline_step(engines, b, ob, x, y)
-        assert lb == pytest.approx(la, rel=1e-5)
+        assert lb == pytest.approx([float(v) for v in la], rel=1e-5)
     assert_same_params(a, b, atol=1e-6)
 
 

@@ -286,6 +286,49 @@ def test_losses_sum_on_their_device_and_are_read_once_per_interval():
     tally.add(2, torch.tensor(0.5, dtype=torch.bfloat16))
     assert tally.read() == pytest.approx([3.0, float("nan"), 0.5], nan_ok=True)
     assert all(v != v for v in tally.read())  # read starts afresh
+    tally.add(1, torch.tensor(4.0))
+    tally.add(1, float("nan"))  # a stage that did not train: skipped
+    assert tally.epoch() == pytest.approx({0: 3.0, 1: 4.0, 2: 0.5})  # every read since
+    assert tally.epoch() == {}
+
+
+def test_engines_return_each_trained_stages_loss_as_a_detached_tensor_not_a_float():
+    from locallearn.engines import BackpropEngine
+
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    net = conv_net(4)
+    opts = _optimizers(net)
+    for losses in (LocalEngine().step(net, opts, x, y),
+                   BackpropEngine(aux_heads=True).step(net, opts, x, y),
+                   BackpropEngine(aux_heads=False).step(net, opts, x, y)[-1:]):
+        assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad
+                   for v in losses)
+    ranges = assign_stages(4, 2)
+    first = PipelineEngine(ranges[0], None, Loopback())
+    losses = first.step(net, opts, x, y)
+    assert all(isinstance(v, torch.Tensor) and not v.requires_grad for v in losses[:2])
+    assert all(isinstance(v, float) and v != v for v in losses[2:])  # another rank's stages
+
+
+def test_the_loop_reads_the_losses_once_per_log_interval(monkeypatch, tmp_path):
+    import locallearn as ll
+    from locallearn import loop
+    from locallearn.measure import LossTally
+
+    reads = []
+    read = LossTally.read
+    monkeypatch.setattr(LossTally, "read", lambda self: reads.append(1) or read(self))
+    monkeypatch.setattr(loop, "LOG_EVERY", 4)
+    cfg = load_config(None, ["data=digits", "model=mlp", "model.options={hidden: [16, 16]}",
+                             "split.k=2", "data.batch_size=32", "data.train_subset=320",
+                             "train.epochs=1", "train.progress=false", "train.checkpoint=false",
+                             f"train.out_dir={tmp_path}"])
+    _, folder = ll.run(cfg)
+    assert len(reads) == 10 // 4 + 1 + 1  # steps 4, 8, the last (10), then the epoch's mean
+    from locallearn import runs
+
+    losses = runs.read_metrics(folder)[0]["train_loss"]
+    assert len(losses) == 2 and all(0 < v < 10 for v in losses)
 
 
 def test_the_stage_clock_sums_the_time_of_each_stage_on_the_cpu():

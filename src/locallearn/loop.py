@@ -45,7 +45,7 @@ from locallearn.engines import Engine, StageUpdate, build_engine
 from locallearn.errors import TrainingError
 from locallearn.groups import node_costs
 from locallearn.log import epoch_line
-from locallearn.measure import SavedTensorsMeter, cuda_peak_bytes, peak_rss_bytes
+from locallearn.measure import LossTally, SavedTensorsMeter, cuda_peak_bytes, peak_rss_bytes
 from locallearn.network import LocalNet
 from locallearn.optim import build_optimizer, build_scheduler
 from locallearn.probe import is_self_supervised, probe_net, record_probe
@@ -53,6 +53,9 @@ from locallearn.types import Activation, map_tensors
 
 log = logging.getLogger("locallearn")
 FAULT_ENV = "LOCALLEARN_FAULT"  # tests: "rank:step:kind" with kind exit, raise or hang
+# Losses stay on the device and are read (one transfer) every LOG_EVERY steps and at the
+# end of an epoch: the progress bar and the check for a non-finite loss follow them.
+LOG_EVERY = 20
 EXPLODED = 1e12  # a weight this large means training diverged, even while losses stay finite
 Batches = Iterable[tuple[Activation, torch.Tensor]]
 
@@ -295,8 +298,7 @@ class Trainer:
         engine.begin_epoch()
         start = time.perf_counter()
         data = iter(self.train_batches()) if self.first else None
-        k = self.net.k
-        sums, counts = [0.0] * k, [0] * k
+        tally = LossTally(self.net.k)
         saved_peak, data_seconds, samples = 0, 0.0, 0
         bar = tqdm(range(self.steps_per_epoch), leave=False, disable=not self.progress,
                    desc=f"epoch {self.epoch + 1}")
@@ -315,19 +317,16 @@ class Trainer:
                 saved_peak = meter.peak_bytes
             else:
                 losses = engine.step(self.net, self.optimizers, x, y)
-            self.check_finite(losses)
+            for j, v in enumerate(losses):
+                tally.add(j, v)
+            if (i + 1) % LOG_EVERY == 0 or i + 1 == self.steps_per_epoch:
+                self.read_losses(tally, bar)
             engine.share_weights(self.net, self.epoch * self.steps_per_epoch + i)
             self.net.update_momentum()  # momentum copies of the next stage (MAN) follow it
             self.step_schedules()
-            for j, v in enumerate(losses):
-                if not math.isnan(v):
-                    sums[j], counts[j] = sums[j] + v, counts[j] + 1
-            if self.progress:
-                bar.set_postfix_str(" ".join(f"s{j + 1} {v:.3f}" for j, v in enumerate(losses)
-                                             if not math.isnan(v)))
         figures = engine.end_epoch()
         self.check_weights()
-        mine = {"losses": {j: sums[j] / counts[j] for j in range(k) if counts[j]},
+        mine = {"losses": tally.epoch(),
                 "stage_seconds": figures.get("stage_seconds", {}),
                 "wall": time.perf_counter() - start, "data_seconds": data_seconds,
                 "samples": samples, "saved": saved_peak, "rss": peak_rss_bytes(),
@@ -379,6 +378,15 @@ class Trainer:
         if self.epoch == 0:
             return f"; no epoch had finished, so {self.folder} holds no checkpoint"
         return f"; the checkpoint of epoch {self.epoch} is kept in {self.folder}"
+
+    def read_losses(self, tally: LossTally, bar: Any) -> None:
+        """Read the losses summed on the device since the last read (one transfer): stop if
+        one is not finite, show them on the progress bar."""
+        losses = tally.read()
+        self.check_finite(losses)
+        if self.progress:
+            bar.set_postfix_str(" ".join(f"s{j + 1} {v:.3f}" for j, v in enumerate(losses)
+                                         if not math.isnan(v)))
 
     def check_finite(self, losses: list[float]) -> None:
         """Stop with an error naming the stage and epoch if a trained stage's loss is not finite."""

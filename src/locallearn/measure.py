@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 import resource
 import sys
 import time
@@ -202,15 +203,24 @@ class LossTally:
     """Per-stage losses summed on their device and read once per log interval.
 
     ``add(k, loss)`` keeps a detached running sum (no ``.item()``, so no sync per
-    step); :meth:`read` moves the sums to the host in one transfer and starts afresh.
+    step); :meth:`read` moves the sums to the host in one transfer, returns the means
+    since the last read and starts afresh; :meth:`epoch` returns the means of
+    everything read since the last ``epoch()`` (it reads what is pending first).
+    A float loss is taken as it is; NaN (a stage that did not train) is skipped.
     """
 
     def __init__(self, k: int) -> None:
         self.k = k
         self._sums: dict[int, torch.Tensor] = {}
         self._counts = [0] * k
+        self._epoch_sums = [0.0] * k
+        self._epoch_counts = [0] * k
 
-    def add(self, k: int, loss: torch.Tensor) -> None:
+    def add(self, k: int, loss: torch.Tensor | float) -> None:
+        if not isinstance(loss, torch.Tensor):
+            if math.isnan(loss):
+                return
+            loss = torch.tensor(float(loss))
         value = loss.detach().float()
         self._sums[k] = self._sums[k] + value if k in self._sums else value
         self._counts[k] += 1
@@ -220,9 +230,18 @@ class LossTally:
         out = [float("nan")] * self.k
         if self._sums:
             keys = sorted(self._sums)
-            values = torch.stack([self._sums[k] for k in keys]).cpu().tolist()
+            values = torch.stack([self._sums[k].cpu() for k in keys]).tolist()
             for k, v in zip(keys, values):
                 out[k] = v / self._counts[k]
+                self._epoch_sums[k] += v
+                self._epoch_counts[k] += self._counts[k]
         self._sums.clear()
         self._counts = [0] * self.k
+        return out
+
+    def epoch(self) -> dict[int, float]:
+        """The mean loss of every stage that trained since the last ``epoch()``."""
+        self.read()
+        out = {k: self._epoch_sums[k] / n for k, n in enumerate(self._epoch_counts) if n}
+        self._epoch_sums, self._epoch_counts = [0.0] * self.k, [0] * self.k
         return out

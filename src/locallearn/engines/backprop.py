@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
-from locallearn.engines.base import InProcess, StageUpdate, stage_loss
+from locallearn.engines.base import InProcess, Losses, StageUpdate, stage_loss
 from locallearn.network import LocalNet, Stage
 from locallearn.types import Activation, detach
 
@@ -108,7 +108,7 @@ class BackpropEngine(InProcess):
         return h
 
     def step(self, net: LocalNet, optimizers: Sequence[torch.optim.Optimizer],
-             x: Activation | None, y: torch.Tensor | None) -> list[float]:
+             x: Activation | None, y: torch.Tensor | None) -> Losses:
         assert x is not None and y is not None, "the backprop engine needs the batch (x, y)"
         u = self.update
         outs: list[Activation] = []
@@ -120,12 +120,12 @@ class BackpropEngine(InProcess):
                 h = self.forward_stage(stage, h, trail)
                 outs.append(h)
             task = stage_loss(net.stages[-1], h, y)
-            losses = [float("nan")] * (net.k - 1) + [task.item()]
+            losses = [float("nan")] * (net.k - 1) + [task.detach()]
             total = task
             if self.aux_heads:
                 for k, (stage, out) in enumerate(zip(net.stages[:-1], outs[:-1])):
                     aux = stage_loss(stage, detach(out), y)
-                    losses[k] = aux.item()
+                    losses[k] = aux.detach()
                     total = total + aux
         for opt in optimizers:
             u.zero_grad(opt)

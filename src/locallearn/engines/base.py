@@ -21,6 +21,11 @@ from locallearn.precision import PrecisionUpdate
 from locallearn.types import Activation, detach
 
 Batches = Iterable[tuple[Activation, torch.Tensor]]
+# What a training step returns, per stage: its loss on the batch as a detached 0-d tensor
+# on the stage's device (no ``.item()``, so no host-device sync per stage per step; the
+# loop sums them on the device and reads them once per log interval), or NaN (a float)
+# where the stage did not train here. A 0-d tensor compares and formats like a float.
+Losses = list[float | torch.Tensor]
 
 
 def stage_loss(stage: Stage, out: Activation, y: torch.Tensor) -> torch.Tensor:
@@ -65,8 +70,9 @@ class Engine(Protocol):
     update: StageUpdate
 
     def step(self, net: LocalNet, optimizers: Sequence[torch.optim.Optimizer],
-             x: Activation | None, y: torch.Tensor | None) -> list[float]:
-        """Train on one batch; each stage's loss (NaN where a stage has none here)."""
+             x: Activation | None, y: torch.Tensor | None) -> Losses:
+        """Train on one batch; each stage's loss (see ``Losses``; NaN where a stage has
+        none here)."""
         ...
 
     def owned(self, k: int) -> range:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from locallearn.engines.base import InProcess, StageUpdate, stage_loss
+from locallearn.engines.base import InProcess, Losses, StageUpdate, stage_loss
 from locallearn.network import LocalNet
 from locallearn.types import Activation
 
@@ -36,7 +36,7 @@ class MultiExitEngine(InProcess):
         self.weights = list(weights) if weights else None
 
     def step(self, net: LocalNet, optimizers: Sequence[torch.optim.Optimizer],
-             x: Activation | None, y: torch.Tensor | None) -> list[float]:
+             x: Activation | None, y: torch.Tensor | None) -> Losses:
         assert x is not None and y is not None, "the multiexit engine needs the batch (x, y)"
         weights = self.weights or [1.0] * net.k
         if len(weights) != net.k:
@@ -51,4 +51,4 @@ class MultiExitEngine(InProcess):
         u.backward(total, net.k - 1)
         for k, opt in enumerate(optimizers):
             u.step(opt, k)
-        return [loss.item() for loss in losses]
+        return [loss.detach() for loss in losses]

@@ -27,7 +27,6 @@ contrastive losses (SupCon, NT-Xent), so those updates differ.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,8 +35,9 @@ import torch
 
 from locallearn.distributed.comm import Inbox, Outbox, average_gradients, gather_siblings
 from locallearn.distributed.wire import EVAL, STOP, TRAIN, Packet
-from locallearn.engines.base import StageUpdate, stage_loss
+from locallearn.engines.base import Losses, StageUpdate, stage_loss
 from locallearn.groups import GroupNode
+from locallearn.measure import StageClock
 from locallearn.network import LocalNet
 from locallearn.objectives.groups import find_group_objective
 from locallearn.types import Activation, Masked, detach
@@ -197,7 +197,7 @@ class PipelineEngine:
         self.device = torch.device(device)
         self.wire = torch.device(wire) if wire is not None else torch.device("cpu")
         self.active: set[int] | None = None
-        self.stage_seconds = {k: 0.0 for k in stages}  # compute time per stage since reset
+        self.clock = StageClock(self.device)  # compute time per stage since reset
 
     @property
     def inbox(self) -> Inbox | None:
@@ -243,7 +243,7 @@ class PipelineEngine:
 
     # -- training --------------------------------------------------------------------
     def step(self, net: LocalNet, optimizers: Sequence[torch.optim.Optimizer],
-             x: Activation | None = None, y: torch.Tensor | None = None) -> list[float]:
+             x: Activation | None = None, y: torch.Tensor | None = None) -> Losses:
         """Train this node on one batch and pass it on; returns per-stage losses.
 
         Rank 0 gives the batch ``(x, y)``; later ranks receive it from their peers.
@@ -252,7 +252,7 @@ class PipelineEngine:
         its diversity terms, since two nodes share each pair of heads), so the G shares
         add up to the loss :class:`~locallearn.engines.sequential.LocalEngine` reports.
         """
-        losses = [math.nan] * net.k
+        losses: Losses = [math.nan] * net.k
         depth = self.depth(net)
         own = [k for k in self.stages if k < depth]
         if not own:
@@ -270,11 +270,10 @@ class PipelineEngine:
             if sends:
                 self._send(out, self.fan_out)
         for k in train:
-            start = self._now()
-            if self.replicas > 1:  # the replicas' mean gradient: that of the whole batch
-                average_gradients(self.replica_group, optimizers[k], self.replicas)
-            self.update.step(optimizers[k], k)
-            self.stage_seconds[k] += self._now() - start
+            with self.clock.time(k):
+                if self.replicas > 1:  # the replicas' mean gradient: that of the whole batch
+                    average_gradients(self.replica_group, optimizers[k], self.replicas)
+                self.update.step(optimizers[k], k)
         if self.replicas > 1:  # each replica's share of the batch loss; the shares add up
             losses = [v / self.replicas for v in losses]
         return losses
@@ -307,7 +306,7 @@ class PipelineEngine:
                 return
 
     def _train_micro(self, net: LocalNet, p: Packet, own: list[int], train: list[int],
-                     losses: list[float]) -> Packet:
+                     losses: Losses) -> Packet:
         """Forward, local loss and backward of this rank's stages on one (micro-)batch."""
         h, trail, y = p.h, list(p.trail), p.y
         assert y is not None  # a training packet carries its targets
@@ -317,31 +316,29 @@ class PipelineEngine:
             h = detach(h)
             if net.needs_trail:
                 trail.append(h)
-            start = self._now()
-            if k in train:
-                with self.update.autocast():
-                    out = stage(h, trail)
-                    loss = stage_loss(stage, out, y)
-                self.update.backward(loss if share == 1 else loss * share, k)
-                losses[k] += loss.item() * share
-                h = out
-            else:
-                with torch.no_grad(), self.update.autocast():
-                    h = stage(h, trail)
-            self.stage_seconds[k] += self._now() - start
+            with self.clock.time(k):
+                if k in train:
+                    with self.update.autocast():
+                        out = stage(h, trail)
+                        loss = stage_loss(stage, out, y)
+                    self.update.backward(loss if share == 1 else loss * share, k)
+                    losses[k] = losses[k] + loss.detach() * share  # stays on the device
+                    h = out
+                else:
+                    with torch.no_grad(), self.update.autocast():
+                        h = stage(h, trail)
         return Packet(TRAIN, detach(h), y, self._trail_out(trail), total=p.total)
 
-    def _train_node(self, p: Packet, train: list[int], losses: list[float]) -> Packet:
+    def _train_node(self, p: Packet, train: list[int], losses: Losses) -> Packet:
         """Forward, local loss (with the siblings' views and logits) and backward of this
         group node on one (micro-)batch."""
         node, k, y = self.node, self.stages.start, p.y
         assert node is not None and y is not None and isinstance(p.h, torch.Tensor)
         share = len(y) / p.total
-        start = self._now()
-        if k not in train:
-            with torch.no_grad(), self.update.autocast():
-                out = node(p.h)
-        else:
+        with self.clock.time(k):
+            if k not in train:
+                with torch.no_grad(), self.update.autocast():
+                    return Packet(TRAIN, detach(node(p.h)), y, total=p.total)
             with self.update.autocast():
                 out = node(detach(p.h))
                 messages = self._gather(node.message(out))
@@ -351,8 +348,7 @@ class PipelineEngine:
                     div = node.diversity(logits, y, self._gather(logits.detach()))
                     loss, part = loss + div, part + div.detach() / 2
             self.update.backward(loss if share == 1 else loss * share, k)
-            losses[k] += float(part) * share
-        self.stage_seconds[k] += self._now() - start
+            losses[k] = losses[k] + part * share
         return Packet(TRAIN, detach(out), y, total=p.total)
 
     def _gather(self, t: torch.Tensor) -> list[torch.Tensor]:
@@ -500,11 +496,12 @@ class PipelineEngine:
 
     def end_epoch(self) -> dict[str, Any]:
         self.flush()
-        return {"stage_seconds": dict(self.stage_seconds)}
+        seconds = self.clock.seconds()  # on CUDA: the epoch's one sync for the clock
+        return {"stage_seconds": {k: seconds.get(k, 0.0) for k in self.stages}}
 
     def reset_clock(self) -> None:
         """Start counting compute time per stage afresh (at the start of an epoch)."""
-        self.stage_seconds = {k: 0.0 for k in self.stages}
+        self.clock.reset()
         links: list[Inbox | Outbox] = [*self.fan_in, *self.fan_out, *self.handoff,
                                        *self.shard_out]
         for link in links:
@@ -523,7 +520,3 @@ class PipelineEngine:
             link.get(STOP)
             link.close()
 
-    def _now(self) -> float:
-        if self.device.type == "cuda":  # kernels run asynchronously: time them to completion
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()

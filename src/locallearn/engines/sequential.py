@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from locallearn.engines.base import InProcess, stage_loss
+from locallearn.engines.base import InProcess, Losses, stage_loss
 from locallearn.network import LocalNet
 from locallearn.types import Activation, detach
 
@@ -29,9 +29,9 @@ class LocalEngine(InProcess):
     accumulates = True
 
     def step(self, net: LocalNet, optimizers: Sequence[torch.optim.Optimizer],
-             x: Activation | None, y: torch.Tensor | None) -> list[float]:
+             x: Activation | None, y: torch.Tensor | None) -> Losses:
         assert x is not None and y is not None, "the local engine needs the batch (x, y)"
-        losses = [float("nan")] * net.k
+        losses: Losses = [float("nan")] * net.k
         depth = net.k if self.active is None else max(self.active, default=-1) + 1
         h = x
         trail: list[Activation] = []  # detached input and boundary outputs, for context supply
@@ -51,6 +51,6 @@ class LocalEngine(InProcess):
             u.zero_grad(opt)
             u.backward(loss, k)
             u.step(opt, k)
-            losses[k] = loss.item()
+            losses[k] = loss.detach()  # read later, in one transfer: no sync per stage
             h = out
         return losses
