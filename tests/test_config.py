@@ -65,3 +65,15 @@ def test_a_typo_in_objective_options_stops_the_build_of_a_run_and_a_wrapped_obje
         build_net(cfg, build_data(cfg))
     with pytest.raises(ConfigError, match="unknown supcon option 'temprature'.*temperature"):
         build_objective("supcon", (8, 4, 4), 10, momentum_aux=0.9, temprature=0.1)
+
+
+@pytest.mark.parametrize("key,hint", [("head", "set objective.head instead"),
+                                      ("last", "set by the library from the split"),
+                                      ("stage", "set by the library from the split")])
+def test_objective_options_the_library_sets_itself_are_refused_naming_the_key(key, hint):
+    from locallearn.build import build_data, build_net
+
+    cfg = load_config(None, ["model=mlp", "data=digits", "objective=ce", "split.k=2",
+                             f"objective.options={{{key}: 1}}"])
+    with pytest.raises(ConfigError, match=rf"^objective.options.{key} .*{hint}"):
+        build_net(cfg, build_data(cfg))

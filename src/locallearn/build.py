@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from locallearn.config import RunConfig
+from locallearn.errors import ConfigError
 from locallearn.context import find_cuts_with_context
 from locallearn.data import DataSplits, load_data
 from locallearn.difficulty import apply_difficulty
@@ -19,7 +20,7 @@ from locallearn.groups import context_and_body
 from locallearn.measure import macs, param_count
 from locallearn.models.blocks import Backbone, build_model
 from locallearn.network import LocalNet
-from locallearn.objectives.base import build_objective
+from locallearn.objectives.base import STAGE_KEYS, build_objective
 from locallearn.split import find_cuts
 
 
@@ -67,10 +68,24 @@ def _head_builder(cfg: RunConfig, backbone: Backbone) -> Any:
     return make
 
 
+def check_user_options(options: dict[str, Any]) -> None:
+    """Refuse ``objective.options`` keys the library sets itself (they would clash)."""
+    for key in options:
+        if key == "head":
+            raise ConfigError("objective.options.head clashes with the head the library passes "
+                              "each stage; set objective.head instead (objective.last_head for "
+                              "the last stage)")
+        if key == "last" or key in STAGE_KEYS:
+            raise ConfigError(f"objective.options.{key} is set by the library from the split "
+                              "(each stage's position and shapes); remove it from "
+                              "objective.options")
+
+
 def build_net(cfg: RunConfig, data: DataSplits) -> LocalNet:
     """Build the configured model for ``data`` and split it into stages."""
     backbone = build_backbone(cfg, data)
     o = cfg.objective
+    check_user_options(dict(o.options))
     cuts = list(cfg.split.cuts)
     if cfg.split.by == "time" and not cuts:  # the split's own measure leaves out head time
         cuts = split_cuts(cfg, data, backbone)
