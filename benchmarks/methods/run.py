@@ -28,6 +28,8 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -193,12 +195,15 @@ def train_one(name: str, overrides: list[str], data: Any, a: argparse.Namespace)
     row: dict[str, Any] = {"name": name, "seed": cfg.train.seed, "k": net.k,
                            **step_memory(net, cfg, x, y),
                            **aux_macs(net, x.cpu(), y.cpu(), bp_only)}
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     summary = ll.Trainer(net, data, cfg).fit()
+    cpu = time.process_time() - cpu  # all threads' CPU seconds: less sensitive to other load
     row.update(final_acc=summary["final_acc"], stage_acc=summary["stage_acc"],
                train_seconds=summary["train_seconds"], wall_seconds=time.perf_counter() - start,
+               cpu_seconds=cpu,
                epochs=summary["epochs"], precision=summary.get("precision"),
-               ema_moved=ema_moved(net, initial))
+               ema_moved=ema_moved(net, initial), threads=torch.get_num_threads(),
+               load_avg_1min=os.getloadavg()[0])
     return row
 
 
@@ -222,9 +227,10 @@ def report(results: dict[str, dict[str, Any]], runs: dict[str, list[str]], meta:
                      f"{r0['saved_bytes'] / MIB:.1f}",
                      f"{r0['cuda_peak_bytes'] / MIB:.1f}" if "cuda_peak_bytes" in r0 else "-",
                      f"{100 * r0['aux_overhead']:.0f}%",
-                     mean_std([r["train_seconds"] for r in done])])
+                     mean_std([r["train_seconds"] for r in done]),
+                     mean_std([r["cpu_seconds"] for r in done if "cpu_seconds" in r])])
     head = ["run", "K", "seeds", "test acc %", "saved MiB/step", "CUDA peak MiB", "aux MACs",
-            "train s"]
+            "train s (wall)", "CPU s (fit)"]
     notes = ""
     if any(r.get("ema_moved") is False for r in results.values()):
         notes = ("\nNote: in the MAN runs the EMA copies did not move (the training loop did not "
@@ -279,6 +285,12 @@ def main() -> None:
             f"{a.data_dir}{' --smoke' if a.smoke else ''}"
             f"{f' --train-subset {a.train_subset}' if a.train_subset and not a.smoke else ''}"
             f"{f' --epochs {a.epochs}' if a.epochs != EPOCHS and not a.smoke else ''}")
+    loads = [r["load_avg_1min"] for r in results.values() if "load_avg_1min" in r]
+    threads = sorted({r["threads"] for r in results.values() if "threads" in r})
+    if loads:
+        meta += (f"\n\nHost: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                 f"torch threads {threads}, 1-min load average at the end of each run "
+                 f"{min(loads):.1f}-{max(loads):.1f}.")
     text = report(results, runs, meta)
     (HERE / f"{stem}.md").write_text(text)
     print(text)
