@@ -292,24 +292,6 @@ def test_losses_sum_on_their_device_and_are_read_once_per_interval():
     assert tally.epoch() == {}
 
 
-def test_engines_return_each_trained_stages_loss_as_a_detached_tensor_not_a_float():
-    from locallearn.engines import BackpropEngine
-
-    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
-    net = conv_net(4)
-    opts = _optimizers(net)
-    for losses in (LocalEngine().step(net, opts, x, y),
-                   BackpropEngine(aux_heads=True).step(net, opts, x, y),
-                   BackpropEngine(aux_heads=False).step(net, opts, x, y)[-1:]):
-        assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad
-                   for v in losses)
-    ranges = assign_stages(4, 2)
-    first = PipelineEngine(ranges[0], None, Loopback())
-    losses = first.step(net, opts, x, y)
-    assert all(isinstance(v, torch.Tensor) and not v.requires_grad for v in losses[:2])
-    assert all(isinstance(v, float) and v != v for v in losses[2:])  # another rank's stages
-
-
 def test_the_loop_reads_the_losses_once_per_log_interval(monkeypatch, tmp_path):
     import locallearn as ll
     from locallearn import loop
