@@ -947,14 +947,20 @@ def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
                title=f"{model}, protocol {protocol}")
         ax.set_xticks([2, 4, 8, 16], ["2", "4", "8", "16"])
         ax.xaxis.set_minor_locator(NullLocator())
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out_dir / plot_name(protocol, model)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, ax, out_dir / plot_name(protocol, model)))
     return paths
+
+
+def save_figure(fig: Any, ax: Any, path: Path) -> Path:
+    """Grid, legend, tight layout; write ``path`` (PNG, 100 dpi) and close the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 # -- report: the seeds' claims (issue 17) -----------------------------------------------------
@@ -1270,12 +1276,7 @@ def plot_claim(claim: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(ylabel="test accuracy (%)" if claim != "selfsup" else "linear-probe accuracy (%)",
            title=CLAIMS[claim][0])
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path)
 
 
 CLAIM_PLOTS = ("groups", "contsup", "dascpl", "selfsup")

@@ -264,12 +264,7 @@ def plot(rows: Sequence[Mapping[str, Any]], thresholds: Sequence[float], path: P
         ax.axhline(t, color="grey", ls=":", lw=1)
     ax.set(xlabel="cumulative training seconds (evaluation excluded)",
            ylabel="test accuracy (%)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return rp.save_figure(fig, ax, path)
 
 
 def machine() -> dict[str, Any]:

@@ -53,8 +53,9 @@ from locallearn.types import Activation, map_tensors
 
 log = logging.getLogger("locallearn")
 FAULT_ENV = "LOCALLEARN_FAULT"  # tests: "rank:step:kind" with kind exit, raise or hang
-# Losses stay on the device and are read (one transfer) every LOG_EVERY steps and at the
-# end of an epoch: the progress bar and the check for a non-finite loss follow them.
+# The step losses are summed (measure.LossTally; device tensors would stay on the device)
+# and read every LOG_EVERY steps and at the end of an epoch: the progress bar and the check
+# for a non-finite loss follow those reads.
 LOG_EVERY = 20
 EXPLODED = 1e12  # a weight this large means training diverged, even while losses stay finite
 Batches = Iterable[tuple[Activation, torch.Tensor]]

@@ -211,17 +211,18 @@ class LossTally:
 
     def __init__(self, k: int) -> None:
         self.k = k
-        self._sums: dict[int, torch.Tensor] = {}
+        self._sums: dict[int, torch.Tensor | float] = {}
         self._counts = [0] * k
         self._epoch_sums = [0.0] * k
         self._epoch_counts = [0] * k
 
     def add(self, k: int, loss: torch.Tensor | float) -> None:
-        if not isinstance(loss, torch.Tensor):
-            if math.isnan(loss):
-                return
-            loss = torch.tensor(float(loss))
-        value = loss.detach().float()
+        if isinstance(loss, torch.Tensor):
+            value: torch.Tensor | float = loss.detach().float()
+        elif math.isnan(loss):
+            return
+        else:
+            value = float(loss)  # a float stays a Python float: no tensor per step
         self._sums[k] = self._sums[k] + value if k in self._sums else value
         self._counts[k] += 1
 
@@ -230,7 +231,10 @@ class LossTally:
         out = [float("nan")] * self.k
         if self._sums:
             keys = sorted(self._sums)
-            values = torch.stack([self._sums[k].cpu() for k in keys]).tolist()
+            tensors = {k: s for k, s in self._sums.items() if isinstance(s, torch.Tensor)}
+            moved = (dict(zip(tensors, torch.stack([t.cpu() for t in tensors.values()]).tolist()))
+                     if tensors else {})  # every tensor sum in one transfer
+            values = [float(moved.get(k, self._sums[k])) for k in keys]
             for k, v in zip(keys, values):
                 out[k] = v / self._counts[k]
                 self._epoch_sums[k] += v
