@@ -67,6 +67,12 @@ def ranks(net: LocalNet, workers: int, micro: int = 1) -> list[PipelineEngine]:
     return engines
 
 
+def floats(losses) -> list[float]:
+    """A step's per-stage losses (0-d tensors, NaN floats) as floats, for ``pytest.approx``
+    (which refuses tensors)."""
+    return [float(v) for v in losses]
+
+
 def pipeline_step(engines, net, opts, x, y) -> list[float]:
     """One batch through every rank in turn; the merged per-stage losses."""
     losses = engines[0].step(net, opts, x, y)
@@ -74,7 +80,7 @@ def pipeline_step(engines, net, opts, x, y) -> list[float]:
         for k, v in enumerate(e.step(net, opts)):
             if k in e.stages:
                 losses[k] = v
-    return losses
+    return floats(losses)
 
 
 def assert_pipeline_equals_sequential(
@@ -93,7 +99,7 @@ def assert_pipeline_equals_sequential(
         x = torch.randn(*x_shape, generator=g)
         y = torch.randint(0, classes, (x_shape[0],), generator=g)
         assert pipeline_step(engines, twin, ob, x, y) == pytest.approx(
-            LocalEngine().step(net, oa, x, y))
+            floats(LocalEngine().step(net, oa, x, y)))
     for pa, pb in zip(net.parameters(), twin.parameters()):
         torch.testing.assert_close(pa, pb, **close)
 

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from helpers import floats
 from torch import nn
 
 from locallearn.engines import BackpropEngine, LocalEngine
@@ -26,7 +27,7 @@ def _train(net: LocalNet, engine, steps: int = 5, lr: float = 0.1, name: str = "
     for _ in range(steps):
         x = torch.randn(16, 1, 8, 8, generator=g)
         y = torch.randint(0, 10, (16,), generator=g)
-        losses.append(engine.step(net, opts, x, y))
+        losses.append(floats(engine.step(net, opts, x, y)))
     return losses
 
 

@@ -107,7 +107,7 @@ def test_group_parallel_ranks_match_the_sequential_engine(model: str, options: d
         losses = LocalEngine().step(net, opts, x, y)
     shares, states, tallies = run_ranks(nodes, data, test, tmp_path)
     for k in range(K):  # the G nodes' shares add up to the stage loss
-        assert sum(shares[k * G: (k + 1) * G]) == pytest.approx(losses[k], rel=1e-5)
+        assert sum(shares[k * G: (k + 1) * G]) == pytest.approx(float(losses[k]), rel=1e-5)
     # evaluation through the nodes gives what evaluate() gives on the whole net
     want, got = evaluate(net, test), merge_tallies(tallies, K)
     for key in ("stage_acc", "final_acc", "ens_uniform", "ens_weighted", "group_acc", "n"):

@@ -37,8 +37,9 @@ def cpu(monkeypatch):
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
 
-    def fake(flags):
+    def fake(flags, vendor="GenuineIntel"):
         monkeypatch.setattr(precision, "cpu_flags", lambda *a: set(flags))
+        monkeypatch.setattr(precision, "cpu_vendor", lambda *a: vendor)
     return fake
 
 
@@ -57,7 +58,26 @@ def test_auto_picks_bf16_and_channels_last_on_a_cpu_with_amx(cpu):
     assert "amx_bf16" in choice.reason
 
 
-def test_auto_is_fp32_channels_last_on_avx512_bf16_without_amx_where_bf16_measured_slower(cpu):
+def test_auto_picks_bf16_and_channels_last_on_an_amd_cpu_with_avx512_bf16(cpu):
+    cpu({"avx512_bf16", "avx512f"}, vendor="AuthenticAMD")
+    choice = resolve("auto", "auto", "false", "cpu")
+    assert (choice.precision, choice.channels_last) == ("bf16", True)
+    assert "AMD" in choice.reason
+
+
+def test_an_amd_cpu_without_avx512_bf16_stays_fp32(cpu):
+    cpu({"avx2"}, vendor="AuthenticAMD")
+    assert resolve("auto", "auto", "false", "cpu").precision == "fp32"
+
+
+def test_cpu_vendor_reads_vendor_id(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2\n")
+    assert precision.cpu_vendor(info) == "AuthenticAMD"
+    assert precision.cpu_vendor(tmp_path / "none") == ""
+
+
+def test_auto_is_fp32_channels_last_on_intel_avx512_bf16_without_amx_where_bf16_measured_slower(cpu):
     cpu({"avx512_bf16", "avx512f"})
     choice = resolve("auto", "auto", "false", "cpu")
     assert (choice.precision, choice.channels_last) == ("fp32", True)
@@ -290,6 +310,24 @@ def test_losses_sum_on_their_device_and_are_read_once_per_interval():
     tally.add(1, float("nan"))  # a stage that did not train: skipped
     assert tally.epoch() == pytest.approx({0: 3.0, 1: 4.0, 2: 0.5})  # every read since
     assert tally.epoch() == {}
+
+
+def test_engines_return_each_trained_stages_loss_as_a_detached_tensor_not_a_float():
+    from locallearn.engines import BackpropEngine
+
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    net = conv_net(4)
+    opts = _optimizers(net)
+    for losses in (LocalEngine().step(net, opts, x, y),
+                   BackpropEngine(aux_heads=True).step(net, opts, x, y),
+                   BackpropEngine(aux_heads=False).step(net, opts, x, y)[-1:]):
+        assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad
+                   for v in losses)
+    ranges = assign_stages(4, 2)
+    first = PipelineEngine(ranges[0], None, Loopback())
+    losses = first.step(net, opts, x, y)
+    assert all(isinstance(v, torch.Tensor) and not v.requires_grad for v in losses[:2])
+    assert all(isinstance(v, float) and v != v for v in losses[2:])  # another rank's stages
 
 
 def test_the_loop_reads_the_losses_once_per_log_interval(monkeypatch, tmp_path):

@@ -9,9 +9,11 @@ from helpers import assert_pipeline_equals_sequential, cross_entropy_by_loop
 from presets import run_preset
 
 from locallearn.engines import LocalEngine
+from locallearn.errors import ConfigError
 from locallearn.models import build_model
 from locallearn.network import LocalNet
 from locallearn.objectives import build_objective
+from locallearn.objectives.base import objective_options
 from locallearn.objectives.predsim import pool_size
 
 
@@ -59,6 +61,13 @@ def test_pred_alone_is_cross_entropy_and_flat_layers_skip_the_conv():
     assert isinstance(flat.sim_conv, torch.nn.Identity)
     with pytest.raises(ValueError, match="beta"):
         build_objective("predsim", (32,), 4, beta=1.5)
+
+
+@pytest.mark.parametrize("name", ["pred", "sim"])
+def test_pred_and_sim_fix_beta_and_refuse_it_as_an_option(name):
+    with pytest.raises(ConfigError, match=rf"unknown {name} option 'beta'.*accepts: "):
+        build_objective(name, (32,), 4, beta=0.5)
+    assert "beta" not in objective_options(name) and "beta" in objective_options("predsim")
 
 
 def test_vgg8b_and_vgg11b_are_layer_wise_block_lists_with_the_paper_widths():

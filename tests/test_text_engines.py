@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import floats
 
 from locallearn.data import load_data
 from locallearn.engines import BackpropEngine, LocalEngine
@@ -53,7 +54,7 @@ def _ids(n: int, g: torch.Generator, length: int = LENGTH) -> torch.Tensor:
 def _train(net: LocalNet, engine, steps: int = 4, lr: float = 1e-2) -> list[list[float]]:
     opts = [build_optimizer(s.parameters(), "adam", lr) for s in net.stages]
     g = torch.Generator().manual_seed(1)
-    return [engine.step(net, opts, _ids(12, g), torch.randint(0, CLASSES, (12,), generator=g))
+    return [floats(engine.step(net, opts, _ids(12, g), torch.randint(0, CLASSES, (12,), generator=g)))
             for _ in range(steps)]
 
 
@@ -296,7 +297,7 @@ def test_pipeline_equals_sequential_for_a_text_model() -> None:
         worker.join(60)
         assert all(p.kind == wire.TRAIN and isinstance(p.h, tuple) and p.h[1].dtype == torch.bool
                    for p in link.seen)  # (hidden, mask) went down the pipeline
-        merged = [a[:2] + b[2:] for a, b in zip(early, late)]
+        merged = [floats(a[:2] + b[2:]) for a, b in zip(early, late)]
         assert sum(merged, []) == pytest.approx(sum(seq_losses, []), rel=1e-5)
         for pa, pb in zip(seq.parameters(), pipe.parameters()):
             torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)

@@ -450,15 +450,14 @@ def _takes(fn: Callable[..., Any]) -> tuple[set[str], bool]:
 def unregistered(cfg: Any) -> list[str]:
     """What ``cfg`` names that the installed library does not register or take, in words.
 
-    The objective's options are checked against its builder's keywords; a builder that passes
-    ``**options`` on to its head (``ce``) takes the head builder's keywords too, so an option
-    nobody reads (a typo) is refused here instead of being swallowed by the run.
+    The objective's options are checked against ``objectives.base.objective_options`` (its
+    builder's keywords, and its head's where it passes options on), so an option nobody reads
+    (a typo) is refused here, before any run starts.
     """
     from locallearn.data.core import DATASETS
     from locallearn.models.blocks import MODELS
     from locallearn.objectives import HEAD_KINDS, OBJECTIVES
-    from locallearn.objectives.base import STAGE_KEYS, WRAPPERS
-    from locallearn.objectives.heads import build_head
+    from locallearn.objectives.base import STAGE_KEYS, objective_options
 
     o, missing = cfg.objective, []
     missing += [f"model {cfg.model.name!r}"] * (cfg.model.name not in MODELS)
@@ -470,12 +469,9 @@ def unregistered(cfg: Any) -> list[str]:
         names, _ = _takes(MODELS[cfg.model.name][0])
         missing += [f"model option {cfg.model.name}.{key}" for key in cfg.model.options
                     if key not in names]
-    if o.name in OBJECTIVES:
-        names, more = _takes(OBJECTIVES[o.name][0])
-        if more:
-            names |= _takes(build_head)[0]
-        names |= set(WRAPPERS) | set(STAGE_KEYS)
-        missing += [f"objective option {o.name}.{key}" for key in o.options if key not in names]
+    if o.name in OBJECTIVES:  # the library's own list of the options it reads
+        known = {*objective_options(o.name), *STAGE_KEYS, "head", "last"}
+        missing += [f"objective option {o.name}.{key}" for key in o.options if key not in known]
     return missing
 
 

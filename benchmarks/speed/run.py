@@ -148,8 +148,13 @@ def save(path: Path, meta: dict[str, Any], records: list[dict[str, Any]]) -> Non
     path.write_text(json.dumps({"meta": meta, "records": records}, indent=2, default=str))
 
 
+def suffix(a: argparse.Namespace) -> str:
+    """The result files' suffix: ``_<tag>`` for a named machine, ``_smoke`` for smoke runs."""
+    return (f"_{a.tag}" if a.tag else "") + ("_smoke" if a.smoke else "")
+
+
 def main_part(a: argparse.Namespace, meta: dict[str, Any]) -> None:
-    path = HERE / f"results_main{'_smoke' if a.smoke else ''}.json"
+    path = HERE / f"results_main{suffix(a)}.json"
     records = [] if a.fresh else load_done(path)
     done = {(r["model"], r["setting"], r["threads"]) for r in records}
     for threads in a.threads:
@@ -210,7 +215,7 @@ def parity_part(a: argparse.Namespace, meta: dict[str, Any]) -> None:
     from locallearn.config import load_config
     from locallearn.train import run
 
-    path = HERE / f"results_parity{'_smoke' if a.smoke else ''}.json"
+    path = HERE / f"results_parity{suffix(a)}.json"
     records = [] if a.fresh else load_done(path)
     done = {(r["run"], r["precision"], r["seed"]) for r in records}
     torch.set_num_threads(a.threads[-1])
@@ -274,6 +279,8 @@ def main() -> None:
     p.add_argument("--data-dir", default=str(HERE.parents[1].parent / "shared" / "data"))
     p.add_argument("--fresh", action="store_true", help="ignore saved results")
     p.add_argument("--smoke", action="store_true", help="seconds: tiny steps, separate files")
+    p.add_argument("--tag", default="", help="results_<part>_<tag>.json: keep another machine's "
+                   "results beside these")
     a = p.parse_args()
     if a.smoke:
         a.batch, a.warmup, a.steps, a.epochs, a.seeds = 8, 1, 1, 1, [0]

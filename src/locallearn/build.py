@@ -12,10 +12,10 @@ from typing import Any
 import torch
 
 from locallearn.config import RunConfig
-from locallearn.errors import ConfigError
 from locallearn.context import find_cuts_with_context
 from locallearn.data import DataSplits, load_data
 from locallearn.difficulty import apply_difficulty
+from locallearn.errors import ConfigError
 from locallearn.groups import context_and_body
 from locallearn.measure import macs, param_count
 from locallearn.models.blocks import Backbone, build_model

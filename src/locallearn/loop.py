@@ -53,7 +53,7 @@ from locallearn.types import Activation, map_tensors
 
 log = logging.getLogger("locallearn")
 FAULT_ENV = "LOCALLEARN_FAULT"  # tests: "rank:step:kind" with kind exit, raise or hang
-# The step losses are summed (measure.LossTally; device tensors would stay on the device)
+# The step losses (detached device tensors) are summed on their device (measure.LossTally)
 # and read every LOG_EVERY steps and at the end of an epoch: the progress bar and the check
 # for a non-finite loss follow those reads.
 LOG_EVERY = 20

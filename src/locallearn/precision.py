@@ -14,9 +14,17 @@ device                                      precision      channels-last
 ==========================================  =============  =============
 CUDA with bf16 (compute capability >= 8)    bf16           yes
 CUDA without bf16                           fp32           no
-CPU with AVX512-BF16 or AMX                 bf16           yes
+CPU with AMX                                bf16           yes
+AMD CPU with AVX512-BF16 (Zen 4 and later)  bf16           yes
+other CPU with AVX-512 (incl. Intel         fp32           yes
+AVX512-BF16 without AMX)
 any other CPU, MPS, ...                     fp32           no
 ==========================================  =============  =============
+
+The CPU rows follow ``benchmarks/speed`` (ResNet-20 training step, batch 64, 1 thread):
+bf16 + channels-last ran 2.1x fp32 on an AMD EPYC with AVX512-BF16 (text models 1.8-2.0x),
+but 0.99x on an Intel Xeon VM with AVX512-BF16 and no AMX exposed, where fp32 in
+channels-last ran 1.27x.
 
 Why bf16 and not fp16 on CPUs: bf16 has fp32's exponent range, so it needs no loss
 scaling; fp16 is only offered on CUDA, with a :class:`torch.amp.GradScaler` per
@@ -134,14 +142,22 @@ def parse_flag(key: str, value: Any, choices: Sequence[str] = ("auto", "true", "
     return text
 
 
+def cpu_vendor(cpuinfo: Path = CPUINFO) -> str:
+    """The CPU's ``vendor_id`` in ``/proc/cpuinfo`` (``AuthenticAMD``, ``GenuineIntel``; "" if none)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                 if line.startswith("vendor_id")), "")
+
+
 def auto_choice(device: torch.device | str) -> tuple[str, bool, str]:
     """What ``auto`` picks on ``device``: the precision, channels-last, and why.
 
-    bf16 where its matrix units make it faster: CUDA with bf16, CPUs with AMX. A CPU with
-    AVX512-BF16 but no AMX computes bf16 natively, yet measured here (ResNet-20, batch 64,
-    1 thread; benchmarks/speed) bf16 + channels-last ran at 0.99x of fp32 and text models
-    at 0.52-0.71x, while fp32 + channels-last ran at 1.27x: such CPUs (and any CPU with
-    AVX-512) get fp32 in channels-last. ``$LOCALLEARN_AUTO=fp32`` pins fp32, contiguous.
+    bf16 where it measured faster (module docstring): CUDA with bf16, CPUs with AMX, AMD
+    CPUs with AVX512-BF16. Other AVX-512 CPUs, Intel's AVX512-BF16 without AMX among them,
+    get fp32 in channels-last. ``$LOCALLEARN_AUTO=fp32`` pins fp32, contiguous.
     """
     device = torch.device(device)
     if os.environ.get(AUTO_ENV, "").lower() == "fp32":
@@ -153,9 +169,12 @@ def auto_choice(device: torch.device | str) -> tuple[str, bool, str]:
         return "fp32", False, why
     if native and why == "amx_bf16":
         return "bf16", True, "amx_bf16: bf16 matrix units"
+    if native and cpu_vendor() == "AuthenticAMD":
+        return "bf16", True, (f"{why} on an AMD CPU: bf16 + channels-last measured 2.1x "
+                              "fp32 there")
     if "avx512f" in cpu_flags() or native:
-        return "fp32", True, (f"{why}: bf16 measured no faster than fp32 without AMX; "
-                              "fp32 in channels-last (AVX-512)")
+        return "fp32", True, (f"{why}: bf16 measured no faster than fp32 on Intel without "
+                              "AMX; fp32 in channels-last (AVX-512)")
     return "fp32", False, why
 
 

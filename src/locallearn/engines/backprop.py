@@ -120,12 +120,12 @@ class BackpropEngine(InProcess):
                 h = self.forward_stage(stage, h, trail)
                 outs.append(h)
             task = stage_loss(net.stages[-1], h, y)
-            losses = [float("nan")] * (net.k - 1) + [task.item()]
+            losses = [float("nan")] * (net.k - 1) + [task.detach()]
             total = task
             if self.aux_heads:
                 for k, (stage, out) in enumerate(zip(net.stages[:-1], outs[:-1])):
                     aux = stage_loss(stage, detach(out), y)
-                    losses[k] = aux.item()
+                    losses[k] = aux.detach()
                     total = total + aux
         for opt in optimizers:
             u.zero_grad(opt)

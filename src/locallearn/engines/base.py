@@ -21,12 +21,12 @@ from locallearn.precision import PrecisionUpdate
 from locallearn.types import Activation, detach
 
 Batches = Iterable[tuple[Activation, torch.Tensor]]
-# What a training step returns, per stage: its loss on the batch (a float, read with
-# ``.item()``: on CUDA one sync per trained stage per step), or NaN where the stage did not
-# train here. Detached device tensors would remove that sync, but pytest >= 8.4's
-# ``approx`` refuses tensors, which breaks callers' comparisons (found by the clean-venv
-# CI); the loop already accepts either (``measure.LossTally``).
-Losses = list[float]
+# What a training step returns, per stage: its loss on the batch as a detached 0-d tensor
+# on the stage's device (no ``.item()``, so no host-device sync per stage per step; the
+# loop sums them on the device and reads them once per log interval), or NaN (a float)
+# where the stage did not train here. ``float(v)`` reads one (pytest's ``approx`` refuses
+# tensors: tests compare ``floats(losses)``).
+Losses = list[float | torch.Tensor]
 
 
 def stage_loss(stage: Stage, out: Activation, y: torch.Tensor) -> torch.Tensor:

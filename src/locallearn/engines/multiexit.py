@@ -51,4 +51,4 @@ class MultiExitEngine(InProcess):
         u.backward(total, net.k - 1)
         for k, opt in enumerate(optimizers):
             u.step(opt, k)
-        return [loss.item() for loss in losses]
+        return [loss.detach() for loss in losses]

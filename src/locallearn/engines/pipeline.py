@@ -322,7 +322,7 @@ class PipelineEngine:
                         out = stage(h, trail)
                         loss = stage_loss(stage, out, y)
                     self.update.backward(loss if share == 1 else loss * share, k)
-                    losses[k] += loss.item() * share
+                    losses[k] = losses[k] + loss.detach() * share  # stays on the device
                     h = out
                 else:
                     with torch.no_grad(), self.update.autocast():
@@ -348,7 +348,7 @@ class PipelineEngine:
                     div = node.diversity(logits, y, self._gather(logits.detach()))
                     loss, part = loss + div, part + div.detach() / 2
             self.update.backward(loss if share == 1 else loss * share, k)
-            losses[k] += float(part) * share
+            losses[k] = losses[k] + part * share
         return Packet(TRAIN, detach(out), y, total=p.total)
 
     def _gather(self, t: torch.Tensor) -> list[torch.Tensor]:

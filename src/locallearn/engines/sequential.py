@@ -51,6 +51,6 @@ class LocalEngine(InProcess):
             u.zero_grad(opt)
             u.backward(loss, k)
             u.step(opt, k)
-            losses[k] = loss.item()
+            losses[k] = loss.detach()  # read later, in one transfer: no sync per stage
             h = out
         return losses

@@ -97,23 +97,32 @@ class PredSimObjective(Objective):
         return self.classifier(h) if self.classifier is not None else None
 
 
-def _builder(beta_default: float | None) -> Any:
-    def build(in_shape: tuple[int, ...], num_classes: int, *, head: str = "mlp", last: bool = False,
-              beta: float = 0.99, pool_features: int = 2048, sim_conv: bool = True,
+def _predsim(in_shape: tuple[int, ...], num_classes: int, *, head: str = "mlp",
+             last: bool = False, beta: float = 0.99, pool_features: int = 2048,
+             sim_conv: bool = True, dropout: float = 0.0, pool: str = "mean",
+             **head_options: Any) -> Objective:
+    if last:
+        return HeadCE(build_head(head, in_shape, num_classes, pool=pool, **head_options))
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"objective.options.beta={beta} is not allowed: it must be in [0, 1]")
+    return PredSimObjective(in_shape, num_classes, beta, pool_features, sim_conv, dropout)
+
+
+def _fixed(beta: float) -> Any:
+    """``pred`` / ``sim``: PredSim with ``beta`` fixed, so it is not an option of theirs (an
+    ``objective.options.beta`` is refused, naming the options they take)."""
+    def build(in_shape: tuple[int, ...], num_classes: int, *, head: str = "mlp",
+              last: bool = False, pool_features: int = 2048, sim_conv: bool = True,
               dropout: float = 0.0, pool: str = "mean", **head_options: Any) -> Objective:
-        if last:
-            return HeadCE(build_head(head, in_shape, num_classes, pool=pool, **head_options))
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"objective.options.beta={beta} is not allowed: it must be in [0, 1]")
-        return PredSimObjective(in_shape, num_classes,
-                                beta if beta_default is None else beta_default,
-                                pool_features, sim_conv, dropout)
+        return _predsim(in_shape, num_classes, head=head, last=last, beta=beta,
+                        pool_features=pool_features, sim_conv=sim_conv, dropout=dropout,
+                        pool=pool, **head_options)
     return build
 
 
 register_objective("predsim", "PredSim: (1-beta) CE of a linear classifier on pooled features + "
-                              "beta similarity-matrix matching (beta=0.99)")(_builder(None))
+                              "beta similarity-matrix matching (beta=0.99)")(_predsim)
 register_objective("pred", "PredSim's prediction loss alone: CE of a linear classifier on "
-                           "pooled features")(_builder(0.0))
+                           "pooled features")(_fixed(0.0))
 register_objective("sim", "PredSim's similarity-matching loss alone (the stage does not "
-                          "predict)")(_builder(1.0))
+                          "predict)")(_fixed(1.0))

@@ -8,7 +8,7 @@ it. ``--src DIR`` profiles another checkout's ``src`` (e.g. a ``git worktree`` o
 commit) for a before/after comparison. Needs ``pip install py-spy``.
 
 Usage:
-    python benchmarks/speed/profile.py [--src /tmp/before/src] [--out profile.md] [-- key=value ...]
+    python benchmarks/speed/profile_epoch.py [--src /tmp/before/src] [--out profile.md] [-- key=value ...]
 """
 
 from __future__ import annotations
