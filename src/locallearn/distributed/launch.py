@@ -259,7 +259,8 @@ def elastic_workers(cfg: RunConfig, resume: str | Path | None, run_dir: Path,
     quiet = logging.getLogger("torch.distributed.elastic")
     level, quiet.level = quiet.level, logging.CRITICAL  # its tracebacks: we say it in one line
     try:
-        elastic_launch(config, _elastic_worker)(cfg, resume, str(run_dir), str(reports), ship)
+        elastic_launch(config, _elastic_worker)(cfg, resume, str(run_dir), str(reports), ship,
+                                                dict(os.environ))
     except ChildFailedError as e:
         attempt = max((int(p.name[7:]) for p in reports.glob("attempt*")), default=0)
         last = reports / f"attempt{attempt}"
@@ -276,8 +277,19 @@ def elastic_workers(cfg: RunConfig, resume: str | Path | None, run_dir: Path,
 
 @record
 def _elastic_worker(cfg: RunConfig, resume: str | None, run_dir: str, reports: str,
-                    ship: Shipped | None) -> None:
-    """A worker started by the elastic agent; a restarted one continues from the checkpoint."""
+                    ship: Shipped | None, environ: dict[str, str] | None = None) -> None:
+    """A worker started by the elastic agent; a restarted one continues from the checkpoint.
+
+    ``environ``: the launcher's environment at the launch (a fork server's own is that of
+    its start); the agent's variables (RANK, MASTER_ADDR, ...) are kept over it.
+    """
+    if environ is not None:
+        ours = {k: v for k, v in os.environ.items() if k not in environ or k.startswith(
+            ("RANK", "LOCAL_", "WORLD_", "GROUP_", "ROLE_", "MASTER_", "TORCHELASTIC_",
+             "TORCH_", "OMP_"))}
+        os.environ.clear()
+        os.environ.update(environ)
+        os.environ.update(ours)
     env = WorkerEnv.from_environ()
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if attempt and (Path(run_dir) / runs.CHECKPOINT).is_file():
