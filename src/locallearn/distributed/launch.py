@@ -284,9 +284,9 @@ def _elastic_worker(cfg: RunConfig, resume: str | None, run_dir: str, reports: s
     its start); the agent's variables (RANK, MASTER_ADDR, ...) are kept over it.
     """
     if environ is not None:
-        ours = {k: v for k, v in os.environ.items() if k not in environ or k.startswith(
+        ours = {k: v for k, v in os.environ.items() if k.startswith(  # the agent's own
             ("RANK", "LOCAL_", "WORLD_", "GROUP_", "ROLE_", "MASTER_", "TORCHELASTIC_",
-             "TORCH_", "OMP_"))}
+             "TORCH_NCCL_", "OMP_NUM_THREADS"))}
         os.environ.clear()
         os.environ.update(environ)
         os.environ.update(ours)
