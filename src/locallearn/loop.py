@@ -16,10 +16,13 @@ saves its own shard when there are several. ``Trainer.fit`` is the whole run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -57,6 +60,19 @@ FAULT_ENV = "LOCALLEARN_FAULT"  # tests: "rank:step:kind" with kind exit, raise 
 # and read every LOG_EVERY steps and at the end of an epoch: the progress bar and the check
 # for a non-finite loss follow those reads.
 LOG_EVERY = 20
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Hold SIGINT (delivered on leaving) in the main thread, so a write pair is not split."""
+    main = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
+    if main:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        if main:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 EXPLODED = 1e12  # a weight this large means training diverged, even while losses stay finite
 Batches = Iterable[tuple[Activation, torch.Tensor]]
 
@@ -485,9 +501,10 @@ class Trainer:
         shards = self.comm.gather(shard)
         if shards is None or self.run_dir is None:
             return
-        runs.append_metrics(self.run_dir, row)
-        if shard is not None:
-            runs.save_checkpoint(self.run_dir / runs.CHECKPOINT, self.merged_state(shards))
+        with _sigint_held():  # Ctrl-C between the two would leave the metrics an epoch ahead
+            runs.append_metrics(self.run_dir, row)
+            if shard is not None:
+                runs.save_checkpoint(self.run_dir / runs.CHECKPOINT, self.merged_state(shards))
         runs.plot_curves(self.run_dir, final=self.epoch == self.cfg.train.epochs)
 
     def summary(self, seconds: float, ranks: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
