@@ -60,12 +60,15 @@ FAULT_ENV = "LOCALLEARN_FAULT"  # tests: "rank:step:kind" with kind exit, raise 
 # and read every LOG_EVERY steps and at the end of an epoch: the progress bar and the check
 # for a non-finite loss follow those reads.
 LOG_EVERY = 20
+EXPLODED = 1e12  # a weight this large means training diverged, even while losses stay finite
+Batches = Iterable[tuple[Activation, torch.Tensor]]
 
 
 @contextlib.contextmanager
 def _sigint_held() -> Iterator[None]:
     """Hold SIGINT (delivered on leaving) in the main thread, so a write pair is not split."""
-    main = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
+    main = (threading.current_thread() is threading.main_thread()
+            and hasattr(signal, "pthread_sigmask"))
     if main:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
@@ -73,8 +76,6 @@ def _sigint_held() -> Iterator[None]:
     finally:
         if main:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-EXPLODED = 1e12  # a weight this large means training diverged, even while losses stay finite
-Batches = Iterable[tuple[Activation, torch.Tensor]]
 
 
 class Comm(Protocol):
