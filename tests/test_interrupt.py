@@ -54,3 +54,28 @@ def test_ctrl_c_says_what_was_saved_and_how_to_resume_without_a_traceback(tmp_pa
     done = len(runs.read_metrics(tmp_path / "run"))
     assert done >= 1 and runs.load_checkpoint(tmp_path / "run")["epoch"] == done
     assert not list((tmp_path / "run").glob(".checkpoint.pt.*"))  # no half-written file kept
+
+
+def test_sigterm_to_the_pipeline_launcher_stops_its_workers_and_says_so(tmp_path):
+    """A scheduler's SIGTERM goes to the launcher alone: the elastic agent stops the
+    workers, and the launcher says in one line what happened and how to resume."""
+    proc = start(tmp_path, "train.epochs=200", "engine=pipeline", "engine.workers=2")
+    run_dir = tmp_path / "run"
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.jsonl").exists() or not runs.read_metrics(run_dir):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no epoch finished in time"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "got signal SIGTERM" in err and f"--resume {run_dir}" in err, err
+    assert "Traceback" not in err, err
+    deadline = time.monotonic() + 10
+    while True:  # every worker of the launcher's session is gone
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "a worker outlived the launcher"
+        time.sleep(0.1)

@@ -1,8 +1,10 @@
 """Start-up cost of the two local launchers: the fork-server launcher vs torch's elastic agent.
 
-``engine=pipeline`` starts its workers with ``launch.spawn_workers`` (a fork server that
-preloads locallearn and torch) unless ``engine.max_restarts > 0``, which runs them under
-``torch.distributed.launcher.api.elastic_launch`` (c10d rendezvous, restarts). This
+Measured 2026-12-03 (launch.md) before the default changed: then ``engine=pipeline``
+started its workers with a hand-written fork-server launcher unless
+``engine.max_restarts > 0``, which ran them under
+``torch.distributed.launcher.api.elastic_launch``; both took the same time, so every launch
+now goes through the agent and both rows below run it (restarts 0 vs 1). This
 times a whole tiny run (MLP on scikit-learn's digits, K=2 on 2 workers, 1 epoch of 256
 images) with each launcher, several times, in this process as a user's script would, and
 prints wall seconds, training seconds (the run's ``epoch_seconds``) and the difference,
@@ -26,7 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1] / "src"))
 
-LAUNCHERS = {"fork server (default)": "engine.max_restarts=0",
+LAUNCHERS = {"elastic agent, no restarts (default)": "engine.max_restarts=0",
              "elastic agent (engine.max_restarts=1)": "engine.max_restarts=1"}
 TINY = ["model=mlp", "model.options={hidden: [32, 32, 32, 32]}", "data.train_subset=256",
         "data.test_subset=64", "data.batch_size=32", "train.progress=false", "split.k=2",

@@ -1,12 +1,12 @@
 """Starting the pipeline's workers: on this machine by itself, or under torchrun.
 
-``locallearn train ... engine=pipeline engine.workers=W`` spawns W worker processes
-(rendezvous on a free local port) and watches them::
+``locallearn train ... engine=pipeline engine.workers=W`` starts W worker processes
+under torch's elastic agent (``elastic_launch``, c10d rendezvous on a free local port)::
 
-    launcher ──spawn──► rank 0 (data, stages 1..)  ──►  rank 1  ──►  …  ──►  rank W-1
+    launcher (agent) ──► rank 0 (data, stages 1..)  ──►  rank 1  ──►  …  ──►  rank W-1
         │                    ╰── each writes ranks/rank<r>.pt; rank 0 the run folder
-        ╰── waits; when one worker fails it gives the others `grace` seconds to stop,
-            kills what is left and raises PipelineError naming the failed rank
+        ╰── waits; when one worker fails the agent stops the others, restarts the group
+            (``engine.max_restarts``) or raises PipelineError naming the rank to blame
 
 With ``engine.placement=groups`` (and ``split.groups=G``) there are K x G workers, one
 per (stage, group) node (:mod:`locallearn.distributed.group_worker`).
@@ -29,10 +29,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import multiprocessing.connection
 import os
 import pickle
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -196,71 +196,46 @@ def check_shippable(ship: Shipped) -> None:
 
 
 def spawn_workers(cfg: RunConfig, resume: str | Path | None, run_dir: Path,
-                  grace: float = 5.0, ship: Shipped | None = None) -> None:
-    """Start ``cfg.engine.workers`` processes on this machine and wait for all of them.
+                  ship: Shipped | None = None) -> None:
+    """Start ``cfg.engine.workers x engine.replicas`` workers on this machine under torch's
+    elastic agent and wait for all of them.
+
+    The agent (``torch.distributed.launcher.api.elastic_launch``, c10d rendezvous on a free
+    local port) starts the workers from a fork server, records each one's error in its
+    error file (``@record``) and, on a failure, stops the others. With
+    ``engine.max_restarts=N`` it then restarts the whole group up to N times; every restart
+    continues from the run folder's last checkpoint (:func:`_elastic_worker`), so the run
+    finishes by itself. (A hand-written launcher did this before; on a quiet machine both
+    start and stop a tiny run in 1.9 s: benchmarks/pipeline_throughput/launch.md.)
 
     Args:
         ship: a net built in Python to train (default: each rank builds the config's).
 
     Raises:
-        PipelineError: if a worker fails; the others are stopped within ``grace`` s.
+        PipelineError: if a worker fails (once the restarts are used up), naming the rank
+            to blame, its stage and the checkpoint to resume from.
     """
-    if cfg.engine.max_restarts:
-        return elastic_workers(cfg, resume, run_dir, ship)
-    world = cfg.engine.workers * cfg.engine.replicas
-    init = f"tcp://127.0.0.1:{free_port()}"
-    reports = Path(tempfile.mkdtemp(prefix="locallearn-ranks-"))
-    ctx = worker_context()
-    procs = [ctx.Process(target=_spawned_worker, name=f"locallearn-rank{r}",
-                         args=(WorkerEnv(r, world, r, world, init), cfg, resume, str(run_dir),
-                               str(reports), dict(os.environ), _for_rank(ship, r)))
-             for r in range(world)]
-    try:
-        for p in procs:
-            p.start()
-        died, stopped = _watch(procs, grace)
-    except BaseException:  # e.g. Ctrl-C: take the workers down with the launcher
-        _stop(procs)
-        raise
-    finally:
-        found = {r: json.loads((reports / f"rank{r}.json").read_text())
-                 for r in range(world) if (reports / f"rank{r}.json").is_file()}
-        shutil.rmtree(reports, ignore_errors=True)
-    codes = [p.exitcode for p in procs]
-    if any(c != 0 for c in codes):
-        raise PipelineError(describe_failure(codes, died, stopped, found, cfg, run_dir))
-
-
-def elastic_workers(cfg: RunConfig, resume: str | Path | None, run_dir: Path,
-                    ship: Shipped | None = None) -> None:
-    """Run the workers under torch's elastic agent, which restarts them after a failure.
-
-    With ``engine.max_restarts=N`` the agent (``torch.distributed.launcher.api``) starts
-    the workers, records each one's error in its error file (``@record``), and after a
-    failure restarts the whole group up to N times; every restart continues from the run
-    folder's last checkpoint (:func:`_elastic_worker`), so the run finishes by itself.
-    Without restarts the fork-server launcher above is used: it starts a worker in
-    milliseconds, the agent's rendezvous takes seconds.
-
-    Raises:
-        PipelineError: once the restarts are used up, naming the rank that failed last.
-    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     world = cfg.engine.workers * cfg.engine.replicas
     reports = Path(tempfile.mkdtemp(prefix="locallearn-ranks-"))
-    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    method = worker_context().get_start_method()  # a fork server that preloads torch
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world,
                           run_id=f"locallearn-{os.getpid()}", rdzv_backend="c10d",
                           rdzv_endpoint=f"127.0.0.1:{free_port()}",
                           max_restarts=cfg.engine.max_restarts, monitor_interval=0.2,
                           start_method=method)
-    quiet = logging.getLogger("torch.distributed.elastic")
-    level, quiet.level = quiet.level, logging.CRITICAL  # its tracebacks: we say it in one line
+    levels = _quiet_agent()  # its warnings and tracebacks: the launcher says it in one line
     try:
         elastic_launch(config, _elastic_worker)(cfg, resume, str(run_dir), str(reports), ship,
                                                 dict(os.environ))
+    except SignalException as e:  # the agent has stopped the workers by now
+        if e.sigval == signal.SIGINT:  # Ctrl-C: the caller says what was saved
+            raise KeyboardInterrupt from None
+        raise PipelineError(f"the launcher got signal {e.sigval.name}; its workers were "
+                            f"stopped (resume with: locallearn train --resume {run_dir})") from None
     except ChildFailedError as e:
         attempt = max((int(p.name[7:]) for p in reports.glob("attempt*")), default=0)
         last = reports / f"attempt{attempt}"
@@ -271,8 +246,28 @@ def elastic_workers(cfg: RunConfig, resume: str | Path | None, run_dir: Path,
         died = {r: float(f.timestamp) for r, f in e.failures.items()}
         raise PipelineError(describe_failure(codes, died, set(), found, cfg, run_dir)) from None
     finally:
-        quiet.setLevel(level)
+        for log, level in levels.items():
+            log.setLevel(level)
         shutil.rmtree(reports, ignore_errors=True)
+
+
+def _quiet_agent() -> dict[logging.Logger, int]:
+    """Silence the elastic agent's loggers (each sets its own level); returns their levels."""
+    import torch.distributed.elastic.rendezvous.c10d_rendezvous_backend  # noqa: F401 (its loggers)
+    import torch.distributed.elastic.rendezvous.dynamic_rendezvous  # noqa: F401
+
+    logs = [logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict)
+            if name.startswith("torch.distributed.elastic")]
+    levels = {log: log.level for log in logs}
+    for log in logs:
+        log.setLevel(logging.CRITICAL)
+    return levels
+
+
+PEER_WAIT = 1.0  # s a worker whose peer failed waits before failing itself (5 agent polls)
+# what the elastic agent sets for each worker (kept over the launcher's environment)
+AGENT_VARS = ("RANK", "LOCAL_", "WORLD_", "GROUP_", "ROLE_", "MASTER_", "TORCHELASTIC_",
+              "TORCH_NCCL_", "OMP_NUM_THREADS")
 
 
 @record
@@ -284,9 +279,7 @@ def _elastic_worker(cfg: RunConfig, resume: str | None, run_dir: str, reports: s
     its start); the agent's variables (RANK, MASTER_ADDR, ...) are kept over it.
     """
     if environ is not None:
-        ours = {k: v for k, v in os.environ.items() if k.startswith(  # the agent's own
-            ("RANK", "LOCAL_", "WORLD_", "GROUP_", "ROLE_", "MASTER_", "TORCHELASTIC_",
-             "TORCH_NCCL_", "OMP_NUM_THREADS"))}
+        ours = {k: v for k, v in os.environ.items() if k.startswith(AGENT_VARS)}
         os.environ.clear()
         os.environ.update(environ)
         os.environ.update(ours)
@@ -297,9 +290,21 @@ def _elastic_worker(cfg: RunConfig, resume: str | None, run_dir: str, reports: s
     report = Path(reports) / f"attempt{attempt}" / f"rank{env.rank}.json"
     try:
         run_worker(cfg, resume, Path(run_dir), env, _for_rank(ship, env.rank))
+    except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal: the launcher speaks
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent's own SIGINT follows
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)  # without a traceback (checkpoints are written whole by now)
     except BaseException as e:
         report.parent.mkdir(parents=True, exist_ok=True)
         write_report(report, env.rank, e)
+        if isinstance(e, PeerError):  # a consequence: the failed peer prints the cause
+            print(f"pipeline worker rank {env.rank}: {e}", file=sys.stderr)
+            # the agent reports the first failure it polls: let a peer that died (exit code,
+            # signal) be seen first, so the message blames it with its own exit
+            time.sleep(PEER_WAIT)
+        elif not isinstance(e, UserError) or isinstance(e, WireError):
+            traceback.print_exc()  # user errors (bad config, data, model) are the launcher's one line
         raise
 
 
@@ -315,7 +320,7 @@ def worker_context() -> Any:
 
     Starting a worker then costs milliseconds instead of seconds of imports (the
     server lives as long as the launcher, so repeated launches share it; workers
-    take the launcher's environment of the moment, see ``_spawned_worker``). Where
+    take the launcher's environment of the moment, see ``_elastic_worker``). Where
     ``forkserver`` does not exist, workers are spawned.
     """
     if "forkserver" not in mp.get_all_start_methods():
@@ -330,74 +335,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _watch(procs: list[Any], grace: float) -> tuple[dict[int, float], set[int]]:
-    """Wait for every process; once one fails, stop the rest after ``grace`` seconds.
-
-    Returns:
-        When each rank was seen to end, and the ranks the launcher stopped itself.
-    """
-    died: dict[int, float] = {}
-    failed_at: float | None = None
-    while True:
-        now = time.monotonic()
-        for r, p in enumerate(procs):
-            if p.exitcode is not None and r not in died:
-                died[r] = now
-                if p.exitcode != 0 and failed_at is None:
-                    failed_at = now
-        alive = [p for p in procs if p.exitcode is None]
-        if not alive:
-            return died, set()
-        if failed_at is not None and now - failed_at > grace:
-            stopped = {r for r, p in enumerate(procs) if p.exitcode is None}
-            _stop(procs)
-            return died, stopped
-        multiprocessing.connection.wait([p.sentinel for p in alive], timeout=0.25)
-
-
-def _stop(procs: list[Any]) -> None:
-    """Terminate the processes still running, then kill those that do not end."""
-    procs = [p for p in procs if p.pid is not None]  # a failed start leaves some unstarted
-    for p in procs:
-        if p.exitcode is None:
-            p.terminate()
-    deadline = time.monotonic() + 3
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-        if p.exitcode is None:
-            p.kill()
-            p.join()
-
-
-# -- a worker ---------------------------------------------------------------------------
-
-def _spawned_worker(env: WorkerEnv, cfg: RunConfig, resume: str | Path | None, run_dir: str,
-                    reports: str, environ: dict[str, str], ship: Shipped | None = None) -> None:
-    """Entry point of a spawned worker: run, or report the error and exit non-zero at once.
-
-    Either way the process ends with ``os._exit``: everything it writes is written
-    atomically and closed by then, and the interpreter's own teardown could wait on
-    a dead peer (and takes seconds once ``torch._dynamo`` is loaded).
-    """
-    os.environ.clear()  # the launcher's environment now, not the fork server's from its start
-    os.environ.update(environ)
-    code = 0
-    try:
-        run_worker(cfg, resume, Path(run_dir), env, ship)
-    except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal: the launcher speaks
-        code = 130
-    except BaseException as e:
-        write_report(Path(reports) / f"rank{env.rank}.json", env.rank, e)
-        if isinstance(e, PeerError):  # a consequence: the failed peer prints the cause
-            print(f"pipeline worker rank {env.rank}: {e}", file=sys.stderr)
-        elif not isinstance(e, UserError) or isinstance(e, WireError):
-            traceback.print_exc()  # user errors (bad config, data, model) are the launcher's one line
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def _torchrun_worker(cfg: RunConfig, resume: str | Path | None) -> tuple[dict[str, Any], Path]:
