@@ -56,3 +56,22 @@ def test_the_report_gives_seconds_where_reached_and_not_reached_within_the_cap(t
     assert data["summary"][0]["to_20"]["reached"] == 0
     assert data["runs"][0]["curve"] == [[10.0, 11.0], [20.0, 15.0]]
     assert (tmp_path / "tta.png").is_file()
+
+
+def test_bp_over_a_configuration_is_paired_seed_by_seed_so_a_slower_sitting_cancels_out(tmp_path):
+    protocol = tta.SMOKE  # plan: bp, ddp, local, pipeline of seed 0, then of seed 1
+    plan = tta.rp.matrix(protocol)
+    for run, accs, seconds in [(plan[0], [15.0, 21.0], 10.0), (plan[1], [15.0, 21.0], 5.0),
+                               (plan[4], [15.0, 21.0], 30.0), (plan[5], [15.0, 21.0], 10.0)]:
+        folder = finished_run(tmp_path, run, accs)
+        (folder / "metrics.jsonl").write_text("".join(
+            json.dumps(r) + "\n" for r in rows(accs, seconds)))
+    # seed 1 sat on a 3x slower machine: ddp 2x and 3x faster than BP of its own seed, so
+    # 2.50 ± 0.71 paired; the ratio of the means would say (20 + 60) / (10 + 20) = 2.67
+    text = tta.report(protocol, tmp_path, tmp_path)
+    ddp = next(line for line in text.splitlines() if line.startswith("| ddp |"))
+    assert "| 2.50 ± 0.71 | 2.50 ± 0.71 |" in ddp
+    bp = next(line for line in text.splitlines() if line.startswith("| bp |"))
+    assert "| 1.00 ± 0.00 | 1.00 ± 0.00 |" in bp
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["summary"][1]["to_12"]["bp_over_this"] == [2.0, 3.0]

@@ -153,7 +153,22 @@ def run_row(run: Any, runs: Path, thresholds: Sequence[float]) -> dict[str, Any]
             "threads_per_process": env.get("threads_per_worker", env.get("torch_threads")),
             "load_at_end": ends[-1]["loadavg"] if ends else None,
             "others_at_end": ends[-1].get("others") if ends else None,
-            "sittings": len(ends), "curve": curve}
+            "sittings": len(ends), "curve": curve,
+            "trained": sorted({h["time"][:10] for h in host_records(run, runs) if h.get("time")})}
+
+
+def paired_speedups(rows: Sequence[Mapping[str, Any]], threshold: float) -> dict[str, list[float]]:
+    """Per configuration: BP's time to ``threshold`` divided by the configuration's, seed by
+    seed (the runs of one seed share a sitting, so a machine that changes between sittings
+    cancels out); only seeds where both reached it."""
+    key = f"{threshold:g}"
+    bp = {r["seed"]: r["to"][key]["seconds"] for r in rows
+          if r["config"] == "bp" and r["to"][key] is not None}
+    out: dict[str, list[float]] = {}
+    for r in rows:
+        if r["to"][key] is not None and r["seed"] in bp:
+            out.setdefault(r["config"], []).append(bp[r["seed"]] / r["to"][key]["seconds"])
+    return out
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -169,14 +184,15 @@ def summarize(rows: Sequence[Mapping[str, Any]],
               thresholds: Sequence[float]) -> list[dict[str, Any]]:
     """Per configuration, over its finished runs: time to each threshold (seeds that reached
     it), how many reached it, accuracy and speed."""
-    out = []
+    out, speedups = [], {t: paired_speedups(rows, t) for t in thresholds}
     for config in dict.fromkeys(r["config"] for r in rows):
         rs = [r for r in rows if r["config"] == config]
         item: dict[str, Any] = {"config": config, "layout": LAYOUT.get(config, ""), "n": len(rs)}
         for t in thresholds:
             hits = [r["to"][f"{t:g}"] for r in rs if r["to"][f"{t:g}"] is not None]
             item[f"to_{t:g}"] = {"seconds": [h["seconds"] for h in hits],
-                                 "epochs": [h["epoch"] for h in hits], "reached": len(hits)}
+                                 "epochs": [h["epoch"] for h in hits], "reached": len(hits),
+                                 "bp_over_this": speedups[t].get(config, [])}
         for key in ("final_acc", "best_acc", "images_per_s"):
             item[key] = [r[key] for r in rs]
         out.append(item)
@@ -198,14 +214,13 @@ def markdown(protocol: Any, rows: Sequence[Mapping[str, Any]], thresholds: Seque
         return "\n".join(head + ["**Not run yet at this budget**: no run has finished.", ""]
                          + _left(rows))
     summary = summarize(done, thresholds)
-    last = f"{thresholds[-1]:g}"
-    bp = next((s for s in summary if s["config"] == "bp"), None)
-    bp_times = bp[f"to_{last}"]["seconds"] if bp else []
-    bp_last = rp.mean_std(bp_times)[0] if bp_times else None
     cols = " | ".join(f"s to {t:g} % | epoch" for t in thresholds)
-    out = [*head, f"| configuration | layout | n | {cols} | BP's time / this, to {last} % "
-           "| final % | best % | images/s |",
-           "|---|---|---|" + "---|---|" * len(thresholds) + "---|---|---|---|"]
+    ratio_cols = " | ".join(f"BP's time / this, to {t:g} %" for t in thresholds)
+    out = [*head, "BP's time / this is taken seed by seed (the runs of a seed share one sitting, "
+           "so a machine that differs between sittings cancels out), then mean ± std.", "",
+           f"| configuration | layout | n | {cols} | {ratio_cols} | final % | best % | images/s |",
+           "|---|---|---|" + "---|---|" * len(thresholds) + "---|" * len(thresholds)
+           + "---|---|---|"]
     for s in summary:
         cells = []
         for t in thresholds:
@@ -213,16 +228,16 @@ def markdown(protocol: Any, rows: Sequence[Mapping[str, Any]], thresholds: Seque
             bracket = f" ({hit['reached']}/{s['n']})" if hit["reached"] < s["n"] else ""
             cells += [(_stat(hit["seconds"], 0) + bracket) if hit["reached"] else "not reached",
                       _stat(hit["epochs"], 1) if hit["reached"] else "-"]
-        mine = s[f"to_{last}"]["seconds"]
-        ratio = f"{bp_last / rp.mean_std(mine)[0]:.2f}" if bp_last and mine else "-"
-        out.append(f"| {s['config']} | {s['layout']} | {s['n']} | {' | '.join(cells)} | {ratio} | "
+        ratios = " | ".join(_stat(s[f"to_{t:g}"]["bp_over_this"], 2) for t in thresholds)
+        out.append(f"| {s['config']} | {s['layout']} | {s['n']} | {' | '.join(cells)} | {ratios} | "
                    f"{_stat(s['final_acc'], 2)} | {_stat(s['best_acc'], 2)} | "
                    f"{_stat(s['images_per_s'], 0)} |")
     out += ["", "Per run (load: 1/5/15-min load average at the run's end, its own processes "
             "included: about 2 on an otherwise quiet machine):", "",
             "| run | " + " | ".join(f"s to {t:g} %" for t in thresholds)
-            + " | final % | best % | images/s | precision | load at end | others at end |",
-            "|---|" + "---|" * len(thresholds) + "---|---|---|---|---|---|"]
+            + " | final % | best % | images/s | precision | trained (UTC) | load at end "
+            "| others at end |",
+            "|---|" + "---|" * len(thresholds) + "---|---|---|---|---|---|---|"]
     for r in done:
         times = [("-" if r["to"][f"{t:g}"] is None else f"{r['to'][f'{t:g}']['seconds']:.0f}")
                  for t in thresholds]
@@ -231,7 +246,8 @@ def markdown(protocol: Any, rows: Sequence[Mapping[str, Any]], thresholds: Seque
                            for o in (r["others_at_end"] or [])[:3]) or "none"
         out.append(f"| {r['run']} | {' | '.join(times)} | {r['final_acc']:.2f} | "
                    f"{r['best_acc']:.2f} | {r['images_per_s']:.0f} | {r['precision']}"
-                   f"{' channels-last' if r['channels_last'] else ''} | {load} | {others} |")
+                   f"{' channels-last' if r['channels_last'] else ''} | "
+                   f"{', '.join(r['trained']) or '-'} | {load} | {others} |")
     return "\n".join(out + ["", f"![accuracy vs training seconds]({PLOT})", ""] + _left(rows))
 
 
