@@ -135,7 +135,8 @@ def run_row(run: Any, runs: Path, thresholds: Sequence[float]) -> dict[str, Any]
     rows = epoch_rows(folder)
     accs = [r["final_acc"] for r in rows if r.get("final_acc") is not None]
     env = rp._read_json(folder / "env.json") or {}
-    ends = [h for h in host_records(run, runs) if h.get("event") == "end"]
+    records = host_records(run, runs)
+    ends = [h for h in records if h.get("event") == "end"]
     seconds, curve = 0.0, []
     for r in rows:
         seconds += r.get("epoch_seconds", 0.0)
@@ -154,7 +155,7 @@ def run_row(run: Any, runs: Path, thresholds: Sequence[float]) -> dict[str, Any]
             "load_at_end": ends[-1]["loadavg"] if ends else None,
             "others_at_end": ends[-1].get("others") if ends else None,
             "sittings": len(ends), "curve": curve,
-            "trained": sorted({h["time"][:10] for h in host_records(run, runs) if h.get("time")})}
+            "trained": sorted({h["time"][:10] for h in records if h.get("time")})}
 
 
 def paired_speedups(rows: Sequence[Mapping[str, Any]], threshold: float) -> dict[str, list[float]]:
