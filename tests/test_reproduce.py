@@ -209,6 +209,30 @@ def test_advance_runs_what_is_left_jobs_at_a_time_and_counts_failures(tmp_path, 
     assert (tmp_path / p.name / f"{plan[1].name}.log").is_file()
 
 
+def test_advance_skips_a_run_that_another_driver_started_after_it_planned(tmp_path, monkeypatch):
+    p = rp.PROTOCOLS["smoke"]
+    plan = rp.matrix(p)
+    started: list[str] = []
+    other = sleeper(plan[1].name)  # the second driver's process for plan[1]
+
+    def command(run, runs, threads, device):
+        started.append(run.name)  # plan[0] trains; meanwhile another driver takes plan[1]
+        folder = plan[1].folder(runs)
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.with_name(folder.name + ".pid").write_text(f"{other.pid}\n")
+        return [sys.executable, "-c", FAKE_TRAIN, str(run.folder(runs)), str(p.epochs), "0"]
+
+    monkeypatch.setattr(rp, "command", command)
+    try:
+        assert rp.advance(plan, tmp_path, jobs=1, threads=1, device="") == 0
+        assert rp.state(plan[1], tmp_path) == "running"
+    finally:
+        other.kill()
+        other.wait()
+    assert started == [plan[0].name]
+    assert (tmp_path / p.name / f"{plan[1].name}.pid").read_text() == f"{other.pid}\n"
+
+
 def test_a_protocol_without_width_or_with_its_own_optimizer_and_methods():
     p = rp.Protocol("t", "test", ("lstm",), width=None, epochs=3, batch=64, lr=1e-3,
                     cells=(("bp", 1), ("scpl", 4)), seeds=(0,), data=("data=sst2",),
