@@ -709,10 +709,11 @@ def advance(plan: list[Run], runs: Path, jobs: int, threads: int, device: str,
         while todo or active:
             while todo and len(active) < jobs:
                 r = todo.pop(0)
-                if state(r, runs) in ("running", "done"):  # another driver took it meanwhile
-                    print(f"skip {r.name} ({state(r, runs)} elsewhere)", flush=True)
+                now = state(r, runs)
+                if now in ("running", "done"):  # another driver took it meanwhile
+                    print(f"skip {r.name} ({now} elsewhere)", flush=True)
                     continue
-                how = ("exit curve" if state(r, runs) == "evaluate" else "resume"
+                how = ("exit curve" if now == "evaluate" else "resume"
                        if (r.folder(runs) / "checkpoint.pt").is_file() else "fresh")
                 evaluated.update([r.name] if how == "exit curve" else [])
                 print(f"start {r.name} ({how})", flush=True)
